@@ -1,0 +1,266 @@
+"""The working node: borrows slabs from blades (coarse) and carves them up locally (fine).
+
+``WorkingNode`` is what the swap plugin and the filesystem hold. Coarse grain: it picks
+blades (the coordinator's hint, else power-of-two choices), runs the allocation protocol on
+each replica's blade, frees through the free ring, and finds its slabs again after a restart.
+Fine grain: ``allocate(size)`` / ``free(handle)`` are served from partial slabs with no
+network round trip (``finegrained.SlabCarver``); only a slab running out or too many empty
+slabs touch the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from rallocator.blade_link import BladeLink
+from rallocator.cluster_config import ClusterConfig
+from rallocator.coordinator_client import CoordinatorClient, CoordinatorUnavailable
+from rallocator.finegrained import Handle, SlabCarver
+from rallocator.protocol import AllocationFailed, BladeFull, TicketLost, allocate_slab, free_slab
+from rallocator.secret import load_secret
+from rallocator.verbs import BladeUnreachable
+
+log = logging.getLogger("rallocator.node")
+
+
+class NoSpace(Exception):
+    """No blade (or not enough distinct blades) could give a slab."""
+
+
+def name_id(text: str) -> int:
+    """A stable nonzero 64-bit id for a node or volume name."""
+    v = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+    return v or 1
+
+
+@dataclass
+class Replica:
+    link: BladeLink
+    unit: int
+    addr: int
+
+
+@dataclass
+class Slab:
+    """One logical slab: ``size`` bytes with a copy on each replica's blade."""
+
+    size: int
+    volume: int
+    index: int
+    replicas: list[Replica] = field(default_factory=list)
+
+
+class WorkingNode:
+    """A node's view of the cluster.
+
+    Args:
+        blades: (name, address) of the blades it may use.
+        secret: the cluster secret.
+        node_id: who we are to the blades (owner of our slabs).
+        coordinator: host:port, or "" to use power-of-two choices only.
+        transport: "auto" (shm where the region is mappable), "tcp" or "shm".
+        empty_threshold: empty slabs kept for reuse before they go back to the blade.
+    """
+
+    def __init__(self, blades: Sequence[tuple[str, str]], secret: bytes, node_id: int,
+                 coordinator: str = "", transport: str = "auto", empty_threshold: int = 2,
+                 timeout: float = 10.0) -> None:
+        self.secret = secret
+        self.node_id = node_id
+        self.transport = transport
+        self.timeout = timeout
+        self.blade_addrs = dict(blades)
+        self.coordinator = CoordinatorClient(coordinator, secret, timeout=1.0) if coordinator else None
+        self.links: dict[str, BladeLink] = {}
+        self._lock = threading.Lock()
+        self.carver = SlabCarver(self, empty_threshold=empty_threshold)
+        self.rng = random.Random()
+
+    @classmethod
+    def from_cluster(cls, directory: str, node_name: str | None = None,
+                     **kw: object) -> WorkingNode:
+        cfg = ClusterConfig.load(directory)
+        secret = load_secret(cfg.secret_file)
+        import socket
+
+        node_id = name_id(node_name or f"node:{socket.gethostname()}")
+        return cls([(b.name, b.address) for b in cfg.blades], secret, node_id,
+                   coordinator=cfg.coordinator, **kw)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ links
+    def link(self, name: str) -> BladeLink:
+        with self._lock:
+            link = self.links.get(name)
+            if link is not None and not link.dead:
+                return link
+        link = BladeLink(name, self.blade_addrs[name], self.secret, self.node_id,
+                         transport=self.transport, timeout=self.timeout)
+        with self._lock:
+            old = self.links.get(name)
+            self.links[name] = link
+        if old is not None:
+            old.close()
+        return link
+
+    def mark_dead(self, name: str) -> None:
+        with self._lock:
+            link = self.links.get(name)
+        if link is not None:
+            link.dead = True
+
+    def close(self) -> None:
+        with self._lock:
+            links, self.links = list(self.links.values()), {}
+        for link in links:
+            link.close()
+
+    # ------------------------------------------------------------------ placement
+    def choose_blades(self, count: int, size: int, exclude: Iterable[str] = ()) -> list[str]:
+        """Blades for ``count`` replicas: the coordinator's hint, else power-of-two choices."""
+        excluded = set(exclude)
+        if self.coordinator is not None:
+            try:
+                hint = [n for n, _ in self.coordinator.hint(count, size, excluded)
+                        if n in self.blade_addrs and n not in excluded]
+                if len(hint) >= count:
+                    return hint[:count]
+            except CoordinatorUnavailable as e:
+                log.debug("no hint (%s); power-of-two choices", e)
+        chosen: list[str] = []
+        candidates = [n for n in self.blade_addrs if n not in excluded]
+        while len(chosen) < count and candidates:
+            pair = self.rng.sample(candidates, min(2, len(candidates)))
+            best = max(pair, key=self._free_units_or_zero)
+            chosen.append(best)
+            candidates.remove(best)
+        return chosen
+
+    def _free_units_or_zero(self, name: str) -> int:
+        try:
+            link = self.link(name)
+            return link.available_units() * link.geometry.unit_size
+        except (BladeUnreachable, OSError):
+            return -1
+
+    # ------------------------------------------------------------------ coarse grain
+    def allocate_slab(self, size: int, volume: int, index: int, replicas: int = 1,
+                      exclude: Iterable[str] = ()) -> Slab:
+        """A slab of ``size`` bytes with ``replicas`` copies on distinct blades.
+
+        Raises:
+            NoSpace: not enough blades could provide one (any partial copies are freed).
+        """
+        slab = Slab(size, volume, index)
+        tried = set(exclude)
+        for _ in range(3 * replicas + 3):
+            need = replicas - len(slab.replicas)
+            if need == 0:
+                return slab
+            for name in self.choose_blades(need, size, tried):
+                tried.add(name)
+                rep = self._allocate_on(name, size, volume, index)
+                if rep is not None:
+                    slab.replicas.append(rep)
+            if not self.choose_blades(1, size, tried) and len(slab.replicas) < replicas:
+                break
+        if len(slab.replicas) < replicas:
+            self.free_slab(slab)
+            raise NoSpace(f"wanted {replicas} copies of a {size}-byte slab, "
+                          f"found room on {len(slab.replicas)} blade(s)")
+        return slab
+
+    def _allocate_on(self, name: str, size: int, volume: int, index: int) -> Replica | None:
+        try:
+            link = self.link(name)
+            cls = link.geometry.class_for_size(size)
+            for _ in range(4):
+                try:
+                    grant = link.run(allocate_slab(link.geometry, cls, self.node_id, volume, index))
+                    return Replica(link, grant.unit, grant.addr)
+                except TicketLost:
+                    continue
+        except (BladeFull, AllocationFailed) as e:
+            log.debug("blade %s: %s", name, e)
+        except ValueError as e:  # size class not offered by this blade
+            log.debug("blade %s: %s", name, e)
+        except (BladeUnreachable, OSError) as e:
+            log.warning("blade %s unreachable: %s", name, e)
+            self.mark_dead(name)
+        return None
+
+    def free_slab(self, slab: Slab) -> None:
+        """Give every copy back (best effort: a dead blade's copy goes with it)."""
+        for rep in slab.replicas:
+            self.free_replica(rep)
+        slab.replicas.clear()
+
+    def free_replica(self, rep: Replica) -> None:
+        try:
+            for _ in range(3):
+                try:
+                    rep.link.run(free_slab(rep.link.geometry, self.node_id, rep.unit))
+                    return
+                except TicketLost:
+                    continue
+        except (BladeUnreachable, OSError) as e:
+            log.warning("could not free unit %d on %s: %s", rep.unit, rep.link.name, e)
+
+    def owned_slabs(self, volume: int | None = None) -> dict[int, Slab]:
+        """Our slabs on every reachable blade, by logical index (after a restart)."""
+        found: dict[tuple[int, int], Slab] = {}
+        for name in self.blade_addrs:
+            try:
+                link = self.link(name)
+                reply = link.call({"op": "owned", "volume": volume})
+            except (BladeUnreachable, OSError) as e:
+                log.warning("blade %s unreachable while recovering: %s", name, e)
+                continue
+            for s in reply["slabs"]:
+                key = (s["volume"], s["index"])
+                slab = found.setdefault(key, Slab(s["size"], s["volume"], s["index"]))
+                slab.replicas.append(Replica(link, s["unit"], s["addr"]))
+        return {index: slab for (_, index), slab in found.items()}
+
+    # ------------------------------------------------------------------ fine grain
+    def allocate(self, size: int) -> Handle:
+        """``size`` bytes of remote memory, carved from a partial slab when there is one."""
+        return self.carver.allocate(size)
+
+    def free(self, handle: Handle) -> None:
+        self.carver.free(handle)
+
+    def write(self, handle: Handle, data: bytes | memoryview, offset: int = 0) -> None:
+        if offset + len(data) > handle.size:
+            raise ValueError("write past the end of the allocation")
+        for rep in handle.slab.replicas:
+            with rep.link.verbs() as v:
+                v.write(rep.addr + handle.offset + offset, data)
+
+    def read(self, handle: Handle, length: int | None = None, offset: int = 0) -> bytes:
+        n = handle.size - offset if length is None else length
+        last: Exception | None = None
+        for rep in handle.slab.replicas:
+            try:
+                with rep.link.verbs() as v:
+                    return v.read(rep.addr + handle.offset + offset, n)
+            except (BladeUnreachable, OSError) as e:
+                last = e
+        raise BladeUnreachable(f"no copy readable: {last}")
+
+    def slab_sizes(self) -> list[int]:
+        """Slab sizes every blade offers (for the carver's tuner)."""
+        sizes: set[int] | None = None
+        for name in self.blade_addrs:
+            try:
+                link = self.link(name)
+            except (BladeUnreachable, OSError):
+                continue
+            g = link.geometry
+            mine = {g.slab_bytes(c) for c in range(g.n_classes)}
+            sizes = mine if sizes is None else sizes & mine
+        return sorted(sizes or [])

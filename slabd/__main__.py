@@ -1,0 +1,5 @@
+import sys
+
+from slabd.daemon import main
+
+sys.exit(main())
