@@ -60,7 +60,8 @@ class BladeServer:
         self.secret = secret
         self.info = info
         self.sock = socket.create_server(listen, backlog=128, reuse_port=False)
-        self.address = "%s:%d" % self.sock.getsockname()[:2]
+        host, port = self.sock.getsockname()[:2]
+        self.address = f"{host}:{port}"
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._stopping = threading.Event()

@@ -1,0 +1,5 @@
+import sys
+
+from ralloc.cli import main
+
+sys.exit(main())
