@@ -168,8 +168,16 @@ class BladeLink:
                 self._stop.wait(0.5)
 
     def close(self) -> None:
+        """Leave cleanly: our epoch slot goes inactive so it no longer holds back frees."""
         self._stop.set()
         self._epoch_thread.join(timeout=2)
+        if not self.dead:
+            try:
+                with self.verbs() as v:
+                    v.write(self.geometry.epoch_addr(self.slot) + 8,
+                            struct.pack("<QQQ", self._epoch_now, 0, self._hb + 1))
+            except (BladeUnreachable, OSError):
+                pass
         with self._lock:
             idle, self._idle = self._idle, []
         for c in idle:

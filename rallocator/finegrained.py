@@ -28,23 +28,32 @@ HEAP_VOLUME = 0x68656170  # "heap": the volume tag of carved slabs
 class CarvedSlab:
     slab: Slab
     object_size: int
-    free: list[int] = field(default_factory=list)  # free object indices (a stack)
+    free: list[int] = field(default_factory=list)  # freed object indices (a stack)
     used: int = 0
     in_use: bytearray = field(default_factory=bytearray)  # 1 per allocated object
+    bump: int = 0  # objects [bump, capacity) were never handed out: no free list to build
 
     @property
     def capacity(self) -> int:
         return self.slab.size // self.object_size
 
 
-@dataclass(frozen=True, eq=False)
 class Handle:
-    """An allocation: ``size`` bytes at ``offset`` inside ``slab`` (on every replica)."""
+    """An allocation: ``size`` bytes at ``offset`` inside ``slab`` (on every replica).
 
-    slab: Slab
-    offset: int
-    size: int
-    carved: CarvedSlab | None  # None: the allocation has the whole slab
+    A slotted class rather than a dataclass: one is made per allocation, on the hot path.
+    """
+
+    __slots__ = ("slab", "offset", "size", "carved")
+
+    def __init__(self, slab: Slab, offset: int, size: int, carved: CarvedSlab | None) -> None:
+        self.slab = slab
+        self.offset = offset
+        self.size = size
+        self.carved = carved  # None: the allocation has the whole slab
+
+    def __repr__(self) -> str:
+        return f"Handle(index={self.slab.index}, offset={self.offset}, size={self.size})"
 
 
 class SlabSizeTuner:
@@ -71,7 +80,7 @@ class SlabSizeTuner:
 class SlabCarver:
     """Full / partial / empty slab lists and the object allocator over them. Thread-safe."""
 
-    def __init__(self, node: WorkingNode, empty_threshold: int = 2, replicas: int = 1) -> None:
+    def __init__(self, node: WorkingNode, empty_threshold: int = 8, replicas: int = 1) -> None:
         self.node = node
         self.empty_threshold = empty_threshold
         self.replicas = replicas
@@ -99,10 +108,7 @@ class SlabCarver:
 
     @staticmethod
     def object_size(size: int) -> int:
-        o = MIN_OBJECT
-        while o < size:
-            o <<= 1
-        return o
+        return MIN_OBJECT if size <= MIN_OBJECT else 1 << (size - 1).bit_length()
 
     def utilisation(self) -> float:
         held = sum(c.slab.size for lst in self.partial.values() for c in lst)
@@ -121,21 +127,27 @@ class SlabCarver:
 
     # ------------------------------------------------------------------ allocate / free
     def allocate(self, size: int) -> Handle:
-        if size <= 0:
-            raise ValueError("allocation size must be positive")
+        osize = MIN_OBJECT if size <= MIN_OBJECT else 1 << (size - 1).bit_length()
         with self._lock:
-            tuner = self._tuner_get()
-            osize = self.object_size(size)
-            if osize > tuner.sizes[-1] // 4:
-                return self._allocate_whole(size, tuner)
-            lst = self.partial.setdefault(osize, [])
-            if not lst:
+            lst = self.partial.get(osize)
+            if not lst:  # slow path: this class ran dry (or first use, or a bad size)
+                if size <= 0:
+                    raise ValueError("allocation size must be positive")
+                tuner = self._tuner_get()
+                if osize > tuner.sizes[-1] // 4:
+                    return self._allocate_whole(size, tuner)
+                lst = self.partial.setdefault(osize, [])
                 lst.append(self._new_carved(osize, tuner))
             carved = lst[-1]
-            idx = carved.free.pop()
+            free = carved.free
+            if free:
+                idx = free.pop()
+            else:
+                idx = carved.bump
+                carved.bump += 1
             carved.in_use[idx] = 1
             carved.used += 1
-            if not carved.free:
+            if not free and carved.bump == len(carved.in_use):
                 lst.pop()
                 self.full.setdefault(osize, set()).add(carved)
             self.bytes_allocated += osize
@@ -152,8 +164,7 @@ class SlabCarver:
 
     @staticmethod
     def _format(slab: Slab, osize: int) -> CarvedSlab:
-        n = slab.size // osize
-        return CarvedSlab(slab, osize, list(range(n - 1, -1, -1)), 0, bytearray(n))
+        return CarvedSlab(slab, osize, [], 0, bytearray(slab.size // osize), 0)
 
     def _allocate_whole(self, size: int, tuner: SlabSizeTuner) -> Handle:
         fits = [s for s in tuner.sizes if s >= size]
@@ -180,7 +191,7 @@ class SlabCarver:
                     raise ValueError("double free")
                 carved.in_use[idx] = 0
                 osize = carved.object_size
-                was_full = not carved.free
+                was_full = not carved.free and carved.bump == len(carved.in_use)
                 carved.free.append(idx)
                 carved.used -= 1
                 self.bytes_allocated -= osize

@@ -68,7 +68,7 @@ class WorkingNode:
     """
 
     def __init__(self, blades: Sequence[tuple[str, str]], secret: bytes, node_id: int,
-                 coordinator: str = "", transport: str = "auto", empty_threshold: int = 2,
+                 coordinator: str = "", transport: str = "auto", empty_threshold: int = 8,
                  timeout: float = 10.0) -> None:
         self.secret = secret
         self.node_id = node_id
@@ -79,6 +79,11 @@ class WorkingNode:
         self.links: dict[str, BladeLink] = {}
         self._lock = threading.Lock()
         self.carver = SlabCarver(self, empty_threshold=empty_threshold)
+        # fine grain, bound straight to the carver: one Python frame less per allocation.
+        # allocate(size) -> Handle, served from a partial slab when there is one;
+        # free(handle) gives it back (the slab goes home only past the empty threshold).
+        self.allocate = self.carver.allocate
+        self.free = self.carver.free
         self.rng = random.Random()
 
     @classmethod
@@ -227,13 +232,6 @@ class WorkingNode:
         return {index: slab for (_, index), slab in found.items()}
 
     # ------------------------------------------------------------------ fine grain
-    def allocate(self, size: int) -> Handle:
-        """``size`` bytes of remote memory, carved from a partial slab when there is one."""
-        return self.carver.allocate(size)
-
-    def free(self, handle: Handle) -> None:
-        self.carver.free(handle)
-
     def write(self, handle: Handle, data: bytes | memoryview, offset: int = 0) -> None:
         if offset + len(data) > handle.size:
             raise ValueError("write past the end of the allocation")
