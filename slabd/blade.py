@@ -70,17 +70,21 @@ class Blade:
         lease: seconds a taken ticket or a claimed free slot may stay unacked.
         node_lease: seconds a node's epoch slot may go without a heartbeat before it stops
             holding back reclamation.
-        stock_ahead: how many slabs per size class to keep pre-allocated in the ring.
+        stock_ahead: the most slabs per size class to keep pre-allocated in the ring; a
+            class never stocks more than an eighth of the region (None: half the ring).
         clock: monotonic seconds (injected by tests).
     """
 
     def __init__(self, region: Region, lease: float = 5.0, node_lease: float = 15.0,
-                 stock_ahead: int = 8, clock: Callable[[], float] = time.monotonic) -> None:
+                 stock_ahead: int | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.region = region
         self.geo: Geometry = region.geo
         self.lease = lease
         self.node_lease = node_lease
-        self.stock_ahead = max(1, min(stock_ahead, self.geo.ring_slots))
+        most = self.geo.ring_slots // 2 if stock_ahead is None else stock_ahead
+        self.ahead = [max(1, min(most, self.geo.ring_slots,
+                                 self.geo.n_units // (8 * units)))
+                      for units in self.geo.class_units]
         self.clock = clock
         self.lock = threading.RLock()
         g = self.geo
@@ -298,7 +302,7 @@ class Blade:
         for c in range(g.n_classes):
             seq = r.load(g.seq_addr(c))
             n = g.class_units[c]
-            while self.next_stock[c] < seq + self.stock_ahead:
+            while self.next_stock[c] < seq + self.ahead[c]:
                 t = self.next_stock[c]
                 kt, state = split_key(r.load(g.ack_addr(c, t)))
                 if kt and kt != t and state != DONE:
@@ -477,12 +481,14 @@ class Blade:
         self.counters["reclaims"] += 1
 
     # ================================================================ the ticker
-    def tick(self) -> None:
+    def tick(self, epochs: bool = True) -> bool:
         """One round of background work: acks and frees done by shm nodes, leases, epochs,
-        reclamation, restocking. Called every millisecond or so by the daemon."""
+        reclamation, restocking. Returns True if nodes look active (tickets or frees in
+        flight), so the daemon can tick fast while busy and slowly while idle."""
         g, r = self.geo, self.region
         with self.lock:
             now = self.clock()
+            before = (self.counters["allocs"], self.counters["frees"], self.counters["reclaims"])
             for c in range(g.n_classes):
                 seq = r.load(g.seq_addr(c))
                 for t, since in list(self.pending[c].items()):
@@ -515,8 +521,13 @@ class Blade:
                             log.info("free ticket %d never completed; slot reopened", f)
                             self.free_pending.pop(f, None)
                             self.free_pending[f + g.free_slots] = None
-            self._epochs(now)
+            if epochs:
+                self._epochs(now)
             self._stock()
+            after = (self.counters["allocs"], self.counters["frees"], self.counters["reclaims"])
+            waiting = any(t < r.load(g.seq_addr(c)) for c in range(g.n_classes)
+                          for t in self.pending[c])
+            return after != before or waiting or bool(self.freeing)
 
     def _expire_ticket(self, c: int, t: int, state: int) -> None:
         g, r = self.geo, self.region
