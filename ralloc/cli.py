@@ -28,7 +28,8 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
     from ralloc import cluster
 
     if args.action == "up":
-        cfg = cluster.up(args.dir, blades=args.blades, capacity=parse_size(args.capacity),
+        cfg = cluster.up(args.dir, blades=args.blades,
+                         capacity=parse_size(args.capacity) if args.capacity else None,
                          mode=args.mode, slab_sizes=args.slab_sizes, lease=args.lease)
         print(f"cluster up in {cfg.dir}: coordinator {cfg.coordinator}, "
               f"{len(cfg.blades)} blade(s): " + ", ".join(f"{b.name}@{b.address}"
@@ -98,10 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     csub = c.add_subparsers(dest="action", required=True, metavar="ACTION")
     u = csub.add_parser("up", help="start whatever is not running; returns when all are ready")
     u.add_argument("--dir", required=True, help="cluster directory (cluster.toml, secret, logs)")
-    u.add_argument("--blades", type=int, default=3, help="number of blades (default 3)")
-    u.add_argument("--capacity", default="256M", help="capacity of each blade (default 256M)")
-    u.add_argument("--mode", choices=("dram", "nvm"), default="dram",
-                   help="dram: regions in /dev/shm; nvm: region files in DIR, msync'd")
+    u.add_argument("--blades", type=int, help="number of blades (default 3; an existing "
+                                                "cluster keeps its own)")
+    u.add_argument("--capacity", help="capacity of each blade (default 256M)")
+    u.add_argument("--mode", choices=("dram", "nvm"),
+                   help="dram (default): regions in /dev/shm; nvm: region files in DIR, msync'd")
     u.add_argument("--slab-sizes", default="1M,4M", help="slab size classes (default 1M,4M)")
     u.add_argument("--lease", type=float, default=5.0,
                    help="seconds a taken allocation ticket may stay unacknowledged")
@@ -128,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
 
     handlers = {"cluster": _cmd_cluster, "status": _cmd_status}
     try:
-        if args.command == "cluster" and args.action == "up" and args.blades < 1:
+        if args.command == "cluster" and args.action == "up" and args.blades is not None \
+                and args.blades < 1:
             raise ValueError("--blades must be at least 1")
         return handlers[args.command](args)
     except (ValueError, ClusterConfigError, SecretError) as e:

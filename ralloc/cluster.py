@@ -78,9 +78,14 @@ def _listen_for(address: str) -> str:
     return address if address else "127.0.0.1:0"
 
 
-def up(directory: str, blades: int = 3, capacity: int = 256 << 20, mode: str = "dram",
-       slab_sizes: str = "1M,4M", lease: float = 5.0, heartbeat: float = 0.5) -> ClusterConfig:
-    """Start (or restart what is missing of) the cluster in ``directory``."""
+def up(directory: str, blades: int | None = None, capacity: int | None = None,
+       mode: str | None = None, slab_sizes: str = "1M,4M", lease: float = 5.0,
+       heartbeat: float = 0.5) -> ClusterConfig:
+    """Start (or restart what is missing of) the cluster in ``directory``.
+
+    On an existing cluster, options left out keep what it has: a bare ``up`` restarts what
+    is not running and changes nothing else; ``--blades`` larger than today adds blades.
+    """
     directory = os.path.abspath(directory)
     os.makedirs(os.path.join(directory, "logs"), exist_ok=True)
     try:
@@ -102,7 +107,14 @@ def up(directory: str, blades: int = 3, capacity: int = 256 << 20, mode: str = "
         cfg.save()
     tag = hashlib.blake2b(directory.encode(), digest_size=4).hexdigest()
     existing = {b.name: b for b in cfg.blades}
-    for i in range(max(blades, len(existing))):
+    first = cfg.blades[0] if cfg.blades else None
+    capacity = capacity or (first.capacity if first else 256 << 20)
+    mode = mode or (first.mode if first else "dram")
+    if blades is not None and blades < len(existing):
+        raise ValueError(f"the cluster has {len(existing)} blades; up does not remove any "
+                         f"(cluster down, then up in a new directory)")
+    want = blades if blades is not None else (len(existing) or 3)
+    for i in range(max(want, len(existing))):
         name = f"blade{i}"
         entry = existing.get(name)
         if entry is None:

@@ -220,16 +220,25 @@ class WorkingNode:
         found: dict[tuple[int, int], Slab] = {}
         for name in self.blade_addrs:
             try:
-                link = self.link(name)
-                reply = link.call({"op": "owned", "volume": volume})
+                mine = self.owned_on(name, volume)
             except (BladeUnreachable, OSError) as e:
                 log.warning("blade %s unreachable while recovering: %s", name, e)
                 continue
-            for s in reply["slabs"]:
-                key = (s["volume"], s["index"])
-                slab = found.setdefault(key, Slab(s["size"], s["volume"], s["index"]))
-                slab.replicas.append(Replica(link, s["unit"], s["addr"]))
+            for s in mine:
+                slab = found.setdefault((s.volume, s.index), Slab(s.size, s.volume, s.index))
+                slab.replicas.extend(s.replicas)
         return {index: slab for (_, index), slab in found.items()}
+
+    def owned_on(self, name: str, volume: int | None = None) -> list[Slab]:
+        """Our slabs on one blade, each with that blade's copy as its only replica.
+
+        Raises:
+            BladeUnreachable: the blade did not answer (so the caller knows it is unscanned).
+        """
+        link = self.link(name)
+        reply = link.call({"op": "owned", "volume": volume})
+        return [Slab(s["size"], s["volume"], s["index"], [Replica(link, s["unit"], s["addr"])])
+                for s in reply["slabs"]]
 
     # ------------------------------------------------------------------ fine grain
     def write(self, handle: Handle, data: bytes | memoryview, offset: int = 0) -> None:
