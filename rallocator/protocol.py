@@ -9,6 +9,7 @@ Allocation (one slab of size class c):
 
     t  = fetch_add(seq[c], 1)                     take a ticket
     wait until ring[c][t].ticket == t             the blade pre-stocked a slab there
+      (giving up: compare_swap(ack[t], (t-R,DONE), (t,DONE)) hands the ticket back)
     compare_swap(ack[t], (t,OPEN), (t,CLAIMED))   the slot is ours (not expired, not voided)
     write(ack[t].body, node, volume, index, unit) say who owns it
     compare_swap(ack[t], (t,CLAIMED), (t,ACKED))  done: the blade records the owner
@@ -27,6 +28,7 @@ from rallocator.layout import (
     ACK_BODY,
     ACKED,
     CLAIMED,
+    DONE,
     FREE_BODY,
     OPEN,
     RING_ENTRY,
@@ -123,8 +125,10 @@ def allocate_slab(geo: Geometry, size_class: int, node: int, volume: int, index:
     units = geo.class_units[size_class]
     t = yield FetchAdd(geo.seq_addr(size_class), 1)
     ring = geo.ring_addr(size_class, t)
+    key = geo.ack_addr(size_class, t)
     delay = POLL_FIRST
-    for _ in range(max_polls):
+    polls = 0
+    while True:
         raw = yield Read(ring, RING_ENTRY.size)
         ticket, unit = RING_ENTRY.unpack(raw)
         if ticket == t:
@@ -132,13 +136,19 @@ def allocate_slab(geo: Geometry, size_class: int, node: int, volume: int, index:
         if ticket > t:
             raise TicketLost(f"ticket {t} was skipped")
         avail = yield Read(geo.free_units_addr, 8)
-        if int.from_bytes(avail, "little") < units and delay >= POLL_MAX:
-            raise BladeFull(f"no free {geo.slab_bytes(size_class)}-byte slab")
+        full = int.from_bytes(avail, "little") < units and delay >= POLL_MAX
+        polls += 1
+        if full or polls >= max_polls:
+            # Give the ticket back before leaving, or the blade would stock it with a slab
+            # nobody comes for (held until the lease ends: with a full blade and a retrying
+            # node, a livelock).
+            cancelled = yield from _cancel_ticket(key, t)
+            if cancelled:
+                raise BladeFull(f"no free {geo.slab_bytes(size_class)}-byte slab"
+                                if full else f"ticket {t} was not stocked in time")
+            continue  # stocked this very moment: go and take it
         yield Sleep(delay)
         delay = min(delay * 2, POLL_MAX)
-    else:
-        raise BladeFull(f"ticket {t} was not stocked in time")
-    key = geo.ack_addr(size_class, t)
     old = yield CompareSwap(key, make_key(t, OPEN), make_key(t, CLAIMED))
     if old != make_key(t, OPEN):
         raise TicketLost(f"ticket {t} expired before we claimed it")
@@ -148,6 +158,21 @@ def allocate_slab(geo: Geometry, size_class: int, node: int, volume: int, index:
         raise TicketLost(f"ticket {t} expired while we acknowledged it")
     yield Persist(key, 64)
     return SlabGrant(size_class, unit, geo.unit_addr(unit), geo.slab_bytes(size_class), t)
+
+
+def _cancel_ticket(key_addr: int, t: int) -> Operation:
+    """Mark ticket t given up, if the blade has not stocked it yet. Returns True if so.
+
+    Only over a *finished* previous occupant of the slot (state DONE, or a fresh zero key):
+    never over a ticket someone still holds.
+    """
+    raw = yield Read(key_addr, 8)
+    k = int.from_bytes(raw, "little")
+    kt, state = split_key(k)
+    if kt >= t or not (state == DONE or k == 0):
+        return False
+    old = yield CompareSwap(key_addr, k, make_key(t, DONE))
+    return old == k
 
 
 def free_slab(geo: Geometry, node: int, unit: int, max_polls: int = 4000) -> Operation:

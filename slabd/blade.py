@@ -6,7 +6,8 @@ a cache rebuilt by ``recover()`` from the region at every start. The order of wr
 every crash point recoverable:
 
 * stocking slot t:  ack key := (t, OPEN)  ->  ring unit  ->  ring ticket := t
-  (a ring whose ticket disagrees with its ack key was caught mid-stock: not stocked)
+  (a ring whose ticket disagrees with its ack key was caught mid-stock: not stocked;
+  an ack key (t, DONE) before t was stocked means its taker gave up: t is skipped)
 * commit of ack t:  owner entries + bitmap, persisted  ->  ack key := (t, DONE)
   (an ACKED key found at recovery is committed again; the commit is idempotent)
 * free f:           owner state FREEING + free epoch, persisted  ->  free key := (f, DONE)
@@ -97,6 +98,7 @@ class Blade:
         self.free_pending: dict[int, float | None] = {}  # free tickets opened, not done
         self.epoch_seen: dict[int, tuple[int, float]] = {}  # slot -> (heartbeat, when seen)
         self.cursor = 0
+        self._zero_unit: bytes | None = None
         self.counters = {"allocs": 0, "frees": 0, "reclaims": 0, "expired": 0, "rejected": 0}
 
     # ================================================================ recovery / startup
@@ -139,6 +141,7 @@ class Blade:
                     report["torn"] += 1
                     log.warning("owner entry of unit %d is torn; dropping it (an ack will "
                                 "replay it if it was acknowledged)", u)
+                    self._scrub(u, 1)
                     self._clear_owner(u, 1)
                     u += 1
                     continue
@@ -304,7 +307,12 @@ class Blade:
             n = g.class_units[c]
             while self.next_stock[c] < seq + self.ahead[c]:
                 t = self.next_stock[c]
-                kt, state = split_key(r.load(g.ack_addr(c, t)))
+                key_addr = g.ack_addr(c, t)
+                key = r.load(key_addr)
+                kt, state = split_key(key)
+                if kt == t and state == DONE:
+                    self.next_stock[c] = t + 1  # its taker gave up before we stocked it
+                    continue
                 if kt and kt != t and state != DONE:
                     break  # slot still busy with ticket t - R (outstanding)
                 unit = self._find_run(n)
@@ -315,7 +323,9 @@ class Blade:
                 if unit < 0:
                     break
                 self._reserve(unit, c)
-                r.store(g.ack_addr(c, t), make_key(t, OPEN))
+                if r.compare_swap(key_addr, key, make_key(t, OPEN)) != key:
+                    self._release(unit, c)  # cancelled this very moment: look again
+                    continue
                 ring = g.ring_addr(c, t)
                 r.store(ring + 8, unit)
                 r.store(ring, t)
@@ -471,9 +481,21 @@ class Blade:
             if fepoch < low:
                 self._reclaim(unit)
 
+    def _scrub(self, unit: int, n: int) -> None:
+        """Zero a slab before anyone else can get it: a node must never see the bytes of
+        the last owner, and a fresh slab reads as zeros (the block device relies on it).
+        Done before the owner entry is cleared, so a crash in between scrubs again."""
+        g, r = self.geo, self.region
+        if self._zero_unit is None:
+            self._zero_unit = bytes(g.unit_size)
+        for k in range(unit, unit + n):
+            r.write(g.unit_addr(k), self._zero_unit)
+        r.persist(g.unit_addr(unit), n * g.unit_size)
+
     def _reclaim(self, unit: int) -> None:
         slab = self.heads.pop(unit)
         n = self.geo.class_units[slab.size_class]
+        self._scrub(unit, n)
         self._clear_owner(unit, n)
         self._set_bits(unit, n, False)
         self.busy[unit:unit + n] = bytes(n)
@@ -535,6 +557,8 @@ class Blade:
         if r.compare_swap(g.ack_addr(c, t), key, make_key(t, DONE)) != key:
             return  # the node acked just now; the next tick commits it
         unit = r.u64(g.ring_addr(c, t) + 8)
+        if state == CLAIMED:
+            self._scrub(unit, g.class_units[c])
         self._release(unit, c)
         self.pending[c].pop(t, None)
         self.counters["expired"] += 1

@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 
 from rallocator import auth
-from rallocator.layout import ACK_BODY, ACKED, CLAIMED, EPOCH_ENTRY, FREE_BODY, split_key
+from rallocator.layout import ACK_BODY, ACKED, CLAIMED, DONE, EPOCH_ENTRY, FREE_BODY, split_key
 from rallocator.wire import (
     FLAG_FUA,
     HEADER_SIZE,
@@ -308,8 +308,14 @@ class BladeServer:
             raise Refused(Status.EACCES, "compare_swap only on ack and free keys")
         t_new, s_new = split_key(new)
         t_exp, s_exp = split_key(expected)
-        if t_new != t_exp or s_new not in (CLAIMED, ACKED) or s_new != s_exp + 1:
-            raise Refused(Status.EINVAL, "a node may only move a key OPEN->CLAIMED->ACKED")
+        cancel = (ack is not None and s_new == DONE and t_exp < t_new
+                  and (s_exp == DONE or expected == 0)
+                  and t_new % self.geo.ring_slots == ack[1]
+                  and t_new < region.load(self.geo.seq_addr(ack[0])))
+        if not cancel and (t_new != t_exp or s_new not in (CLAIMED, ACKED)
+                           or s_new != s_exp + 1):
+            raise Refused(Status.EINVAL, "a node may only move a key OPEN->CLAIMED->ACKED "
+                                         "or give back a taken ticket not yet stocked")
         if s_new == ACKED:
             body = ACK_BODY.unpack_from(region.buf, addr + 8) if ack else \
                 FREE_BODY.unpack_from(region.buf, addr + 8)
