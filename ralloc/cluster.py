@@ -20,7 +20,9 @@ import psutil
 
 from rallocator.cluster_config import BladeEntry, ClusterConfig, ClusterConfigError
 from rallocator.coordinator_client import CoordinatorClient, CoordinatorUnavailable
+from rallocator.layout import Geometry
 from rallocator.secret import generate_secret_file, load_secret
+from rallocator.sizes import parse_size
 from rallocator.transport_tcp import AuthFailed, TcpVerbs
 from rallocator.verbs import BladeUnreachable
 
@@ -87,6 +89,9 @@ def up(directory: str, blades: int | None = None, capacity: int | None = None,
     is not running and changes nothing else; ``--blades`` larger than today adds blades.
     """
     directory = os.path.abspath(directory)
+    if capacity is not None:  # bad input fails before anything starts
+        Geometry.for_capacity(capacity, slab_sizes=tuple(
+            parse_size(x) for x in slab_sizes.split(",") if x.strip()))
     os.makedirs(os.path.join(directory, "logs"), exist_ok=True)
     try:
         cfg = ClusterConfig.load(directory)

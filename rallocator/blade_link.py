@@ -20,6 +20,7 @@ from rallocator.protocol import Operation, run_blocking
 from rallocator.transport_shm import ShmUnavailable, ShmVerbs
 from rallocator.transport_tcp import TcpVerbs
 from rallocator.verbs import BladeUnreachable
+from rallocator.wire import Status, VerbError
 
 log = logging.getLogger("rallocator.link")
 EPOCH_TICK = 0.02
@@ -150,15 +151,24 @@ class BladeLink:
 
     def _epoch_loop(self) -> None:
         g = self.geometry
-        addr = g.epoch_addr(self.slot) + 8
         while not self._stop.wait(EPOCH_TICK):
             try:
                 with self.verbs() as v:
                     self._epoch_now = _U64.unpack(v.read(g.global_epoch_addr, 8))[0]
                     with self._lock:
                         announce = min(self._pins.values(), default=self._epoch_now)
+                    slot_addr = g.epoch_addr(self.slot)
+                    if _U64.unpack(v.read(slot_addr, 8))[0] != self.node_id:
+                        self._reregister(announce)  # our slot was given away: get one back
+                        continue
                     self._hb += 1
-                    v.write(addr, struct.pack("<QQQ", announce, 1, self._hb))
+                    v.write(slot_addr + 8, struct.pack("<QQQ", announce, 1, self._hb))
+            except VerbError as e:
+                if e.status == Status.EACCES:
+                    self._reregister(None)
+                else:
+                    log.warning("epoch heartbeat to %s: %s", self.name, e)
+                    self._stop.wait(0.5)
             except (BladeUnreachable, OSError) as e:
                 if not self.dead:
                     log.debug("epoch heartbeat to %s failed: %s", self.name, e)
@@ -166,6 +176,17 @@ class BladeLink:
             except Exception as e:  # never let the heartbeat thread die silently
                 log.warning("epoch heartbeat to %s: %s", self.name, e)
                 self._stop.wait(0.5)
+
+    def _reregister(self, announce: int | None) -> None:
+        with self._lock:
+            if announce is None:
+                announce = min(self._pins.values(), default=self._epoch_now)
+        try:
+            self.slot = self.call({"op": "register", "epoch": announce})["slot"]
+            log.info("blade %s: epoch slot re-registered (%d)", self.name, self.slot)
+        except (VerbError, BladeUnreachable, OSError) as e:
+            log.warning("blade %s: cannot re-register our epoch slot: %s", self.name, e)
+            self._stop.wait(0.5)
 
     def close(self) -> None:
         """Leave cleanly: our epoch slot goes inactive so it no longer holds back frees."""
@@ -176,7 +197,7 @@ class BladeLink:
                 with self.verbs() as v:
                     v.write(self.geometry.epoch_addr(self.slot) + 8,
                             struct.pack("<QQQ", self._epoch_now, 0, self._hb + 1))
-            except (BladeUnreachable, OSError):
+            except (BladeUnreachable, VerbError, OSError):
                 pass
         with self._lock:
             idle, self._idle = self._idle, []

@@ -24,6 +24,7 @@ from rallocator.finegrained import Handle, SlabCarver
 from rallocator.protocol import AllocationFailed, BladeFull, TicketLost, allocate_slab, free_slab
 from rallocator.secret import load_secret
 from rallocator.verbs import BladeUnreachable
+from rallocator.wire import VerbError
 
 log = logging.getLogger("rallocator.node")
 
@@ -78,6 +79,7 @@ class WorkingNode:
         self.coordinator = CoordinatorClient(coordinator, secret, timeout=1.0) if coordinator else None
         self.links: dict[str, BladeLink] = {}
         self._lock = threading.Lock()
+        self._making: dict[str, threading.Lock] = {}
         self.carver = SlabCarver(self, empty_threshold=empty_threshold)
         # fine grain, bound straight to the carver: one Python frame less per allocation.
         # allocate(size) -> Handle, served from a partial slab when there is one;
@@ -99,15 +101,23 @@ class WorkingNode:
 
     # ------------------------------------------------------------------ links
     def link(self, name: str) -> BladeLink:
+        """The link to blade ``name``, made once: two links would share (and one would give
+        away, when closed) this node's epoch slot on that blade."""
         with self._lock:
             link = self.links.get(name)
             if link is not None and not link.dead:
                 return link
-        link = BladeLink(name, self.blade_addrs[name], self.secret, self.node_id,
-                         transport=self.transport, timeout=self.timeout)
-        with self._lock:
-            old = self.links.get(name)
-            self.links[name] = link
+            making = self._making.setdefault(name, threading.Lock())
+        with making:  # one connect per blade at a time; others wait for its result
+            with self._lock:
+                link = self.links.get(name)
+                if link is not None and not link.dead:
+                    return link
+            link = BladeLink(name, self.blade_addrs[name], self.secret, self.node_id,
+                             transport=self.transport, timeout=self.timeout)
+            with self._lock:
+                old = self.links.get(name)
+                self.links[name] = link
         if old is not None:
             old.close()
         return link
@@ -187,8 +197,8 @@ class WorkingNode:
                 try:
                     grant = link.run(allocate_slab(link.geometry, cls, self.node_id, volume, index))
                     return Replica(link, grant.unit, grant.addr)
-                except TicketLost:
-                    continue
+                except (TicketLost, VerbError):
+                    continue  # VerbError: the blade refused a step (e.g. a lease ran out)
         except (BladeFull, AllocationFailed) as e:
             log.debug("blade %s: %s", name, e)
         except ValueError as e:  # size class not offered by this blade
@@ -210,7 +220,7 @@ class WorkingNode:
                 try:
                     rep.link.run(free_slab(rep.link.geometry, self.node_id, rep.unit))
                     return
-                except TicketLost:
+                except (TicketLost, VerbError):
                     continue
         except (BladeUnreachable, OSError) as e:
             log.warning("could not free unit %d on %s: %s", rep.unit, rep.link.name, e)

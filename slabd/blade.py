@@ -146,6 +146,12 @@ class Blade:
                     u += 1
                     continue
                 n = g.class_units[cls]
+                for k in range(u + 1, u + n):  # a crash between head and continuations
+                    if OWNER_ENTRY.unpack_from(r.buf, g.owner_addr(k))[0] != UNIT_CONT:
+                        r.write(g.owner_addr(k), OWNER_ENTRY.pack(UNIT_CONT, node, 0, u, cls,
+                                                                  0, 0, 0))
+                        report["cont_fixed"] = report.get("cont_fixed", 0) + 1
+                r.persist(g.owner_addr(u), 64 * n)
                 self.heads[u] = OwnedSlab(u, cls, node, volume, index, gen)
                 if state == UNIT_OWNED:
                     self.busy[u:u + n] = bytes([B_OWNED]) * n
@@ -395,6 +401,13 @@ class Blade:
             log.debug("slab %d (class %d) -> node %x vol %x idx %d", unit, c, node, volume, index)
         return True
 
+    def _commit_all_acked(self) -> None:
+        g, r = self.geo, self.region
+        for c in range(g.n_classes):
+            for t in list(self.pending[c]):
+                if split_key(r.load(g.ack_addr(c, t))) == (t, ACKED):
+                    self._commit_ack(c, t)
+
     # ================================================================ frees
     def on_free(self, f: int) -> bool:
         with self.lock:
@@ -410,6 +423,11 @@ class Blade:
             return False
         node, unit, epoch = FREE_BODY.unpack_from(r.buf, addr + 8)
         slab = self.heads.get(unit)
+        if slab is None:
+            # a shm node may ack and free within one of our ticks: record its acks first
+            self._commit_all_acked()
+            slab = self.heads.get(unit)
+        replayed = slab is not None and slab.node == node and unit in self.freeing
         ok = slab is not None and slab.node == node and unit not in self.freeing
         if ok:
             assert slab is not None
@@ -421,7 +439,7 @@ class Blade:
                 self.unit_owner[k] = 0
             self.freeing[unit] = epoch
             self.counters["frees"] += 1
-        else:
+        elif not replayed:  # (a replay after a crash finds the free already recorded)
             self.counters["rejected"] += 1
             log.warning("free request %d from node %x for unit %d refused (not its slab)",
                         f, node, unit)
@@ -433,11 +451,20 @@ class Blade:
         return ok
 
     # ================================================================ epochs
-    def register_node(self, node: int) -> int:
-        """Give ``node`` an epoch slot (its old one if it had one). Returns the slot index."""
+    def register_node(self, node: int, epoch: int | None = None) -> int:
+        """Give ``node`` an epoch slot (its old one if it had one). Returns the slot index.
+
+        ``epoch``: a node that re-registers while it holds pins announces its oldest pinned
+        epoch at once, so nothing freed since is reclaimed under it.
+
+        Raises:
+            RuntimeError: every slot is held by an active node.
+        """
         g, r = self.geo, self.region
         with self.lock:
             E = r.load(g.global_epoch_addr)
+            if epoch is not None:
+                E = min(E, max(epoch, 1))
             chosen = -1
             for slot in range(g.max_nodes):
                 n, _, active, _ = EPOCH_ENTRY.unpack_from(r.buf, g.epoch_addr(slot))

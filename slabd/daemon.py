@@ -61,7 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slab size classes, multiples of the unit (default 1M,4M)")
     p.add_argument("--lease", type=float, default=5.0, metavar="SECONDS",
                    help="how long a taken ticket may stay unacknowledged (default 5)")
-    p.add_argument("--heartbeat-interval", type=float, default=1.0, metavar="SECONDS")
+    p.add_argument("--node-lease", type=float, default=15.0, metavar="SECONDS",
+                   help="how long a node may go without heartbeating its epoch before it "
+                        "stops holding back reclamation (default 15)")
+    p.add_argument("--heartbeat-interval", type=float, default=1.0, metavar="SECONDS",
+                   help="seconds between heartbeats to the coordinator (default 1)")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING"))
     return p
 
@@ -70,7 +74,7 @@ class Daemon:
     def __init__(self, args: argparse.Namespace, secret: bytes, region: Region) -> None:
         self.args = args
         self.region = region
-        self.blade = Blade(region, lease=args.lease)
+        self.blade = Blade(region, lease=args.lease, node_lease=args.node_lease)
         self.stop_event = threading.Event()
         host, port = split_address(args.listen)
         self.info: dict[str, Any] = {

@@ -66,6 +66,7 @@ class BladeServer:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self.connections_total = 0
+        self._claims: dict[int, int] = {}  # key word address -> node that claimed it
 
     # ------------------------------------------------------------------ lifecycle
     def serve_forever(self) -> None:
@@ -206,6 +207,8 @@ class BladeServer:
         """Slab-area access: every unit touched must be owned by this node."""
         g = self.geo
         self._check_range(addr, length)
+        if length == 0:
+            return
         if addr < g.off_slabs:
             raise Refused(Status.EACCES, "control structures are not writable by nodes")
         first = g.unit_of(addr)
@@ -287,11 +290,12 @@ class BladeServer:
                 if not isinstance(msg, dict):
                     raise ValueError("call message must be a map")
                 reply = self._call(node, msg)
-            except (ValueError, TypeError, KeyError, msgspec.DecodeError) as e:
+            except (ValueError, TypeError, KeyError, RecursionError, msgspec.DecodeError) as e:
                 raise Refused(Status.EINVAL, f"bad call: {e}") from None
             self._reply(conn, op, h.req_id, payload=msgspec.msgpack.encode(reply))
             return True
         if op == Op.HELLO:
+            self._drain(conn, h.payload_len)  # its payload must not be read as requests
             raise Refused(Status.EINVAL, "already authenticated")
         raise Refused(Status.EINVAL, f"op {op} not served")
 
@@ -317,12 +321,19 @@ class BladeServer:
             raise Refused(Status.EINVAL, "a node may only move a key OPEN->CLAIMED->ACKED "
                                          "or give back a taken ticket not yet stocked")
         if s_new == ACKED:
+            if self._claims.get(addr) != node:
+                raise Refused(Status.EACCES, "another node claimed this slot")
             body = ACK_BODY.unpack_from(region.buf, addr + 8) if ack else \
                 FREE_BODY.unpack_from(region.buf, addr + 8)
             if body[0] != node:
                 raise Refused(Status.EACCES, "the slot body names another node")
         old = region.compare_swap(addr, expected, new)
         region.persist(addr, 64)
+        if old == expected:
+            if s_new == CLAIMED:
+                self._claims[addr] = node
+            elif s_new == ACKED:
+                self._claims.pop(addr, None)
         if old == expected and s_new == ACKED:
             if ack:
                 self.blade.on_ack(ack[0], t_new)
@@ -339,6 +350,8 @@ class BladeServer:
                 raise Refused(Status.EACCES, "ack must name your own node")
             if split_key(region.load(addr - 8))[1] != CLAIMED:
                 raise Refused(Status.EINVAL, "ack body written before the slot was claimed")
+            if self._claims.get(addr - 8) != node:
+                raise Refused(Status.EACCES, "another node claimed this slot")
             region.write(addr, body)
             return
         free = self._free_slot(addr - 8)
@@ -347,6 +360,8 @@ class BladeServer:
                 raise Refused(Status.EACCES, "free request must name your own node")
             if split_key(region.load(addr - 8))[1] != CLAIMED:
                 raise Refused(Status.EINVAL, "free body written before the slot was claimed")
+            if self._claims.get(addr - 8) != node:
+                raise Refused(Status.EACCES, "another node claimed this slot")
             region.write(addr, body)
             return
         rel = addr - 8 - g.off_epochs
@@ -362,7 +377,13 @@ class BladeServer:
     def _call(self, node: int, msg: dict[str, Any]) -> dict[str, Any]:
         op = msg.get("op")
         if op == "register":
-            slot = self.blade.register_node(node)
+            epoch = msg.get("epoch")
+            if epoch is not None and not isinstance(epoch, int):
+                raise ValueError("epoch must be an integer")
+            try:
+                slot = self.blade.register_node(node, epoch)
+            except RuntimeError as e:
+                raise Refused(Status.ENOSPC, str(e)) from None
             return {**self.info, "slot": slot}
         if op == "info":
             return dict(self.info)
