@@ -32,6 +32,7 @@ class CarvedSlab:
     used: int = 0
     in_use: bytearray = field(default_factory=bytearray)  # 1 per allocated object
     bump: int = 0  # objects [bump, capacity) were never handed out: no free list to build
+    full: bool = False  # in the carver's full set (no free object)
 
     @property
     def capacity(self) -> int:
@@ -87,8 +88,7 @@ class SlabCarver:
         self.partial: dict[int, list[CarvedSlab]] = {}
         self.full: dict[int, set[CarvedSlab]] = {}
         self.empty: list[CarvedSlab] = []
-        self.whole: set[int] = set()  # id(slab) of whole-slab allocations
-        self.bytes_allocated = 0
+        self.whole: dict[int, int] = {}  # id(slab) -> size, of whole-slab allocations
         self.slabs_fetched = 0
         self.slabs_returned = 0
         self._next_index = 0
@@ -149,8 +149,8 @@ class SlabCarver:
             carved.used += 1
             if not free and carved.bump == len(carved.in_use):
                 lst.pop()
+                carved.full = True
                 self.full.setdefault(osize, set()).add(carved)
-            self.bytes_allocated += osize
             return Handle(carved.slab, idx * osize, size, carved)
 
     def _new_carved(self, osize: int, tuner: SlabSizeTuner) -> CarvedSlab:
@@ -171,41 +171,52 @@ class SlabCarver:
         if not fits:
             raise ValueError(f"{size} bytes is larger than the largest slab ({tuner.sizes[-1]})")
         slab = self._fetch(fits[0])
-        self.whole.add(id(slab))
-        self.bytes_allocated += slab.size
+        self.whole[id(slab)] = slab.size
         return Handle(slab, 0, size, None)
 
     def free(self, handle: Handle) -> None:
-        to_return: list[Slab] = []
+        carved = handle.carved
+        if carved is None:
+            self._free_whole(handle)
+            return
         with self._lock:
-            carved = handle.carved
-            if carved is None:
-                if id(handle.slab) not in self.whole:
-                    raise ValueError("double free")
-                self.whole.discard(id(handle.slab))
-                self.bytes_allocated -= handle.slab.size
-                to_return.append(handle.slab)
-            else:
-                idx = handle.offset // carved.object_size
-                if not carved.in_use[idx]:
-                    raise ValueError("double free")
-                carved.in_use[idx] = 0
-                osize = carved.object_size
-                was_full = not carved.free and carved.bump == len(carved.in_use)
-                carved.free.append(idx)
-                carved.used -= 1
-                self.bytes_allocated -= osize
-                if was_full:
-                    self.full[osize].discard(carved)
-                    self.partial.setdefault(osize, []).append(carved)
-                if carved.used == 0:
-                    self.partial[osize].remove(carved)
-                    self.empty.append(carved)
-                    while len(self.empty) > self.empty_threshold:
-                        to_return.append(self.empty.pop(0).slab)
+            idx = handle.offset // carved.object_size
+            in_use = carved.in_use
+            if not in_use[idx]:
+                raise ValueError("double free")
+            in_use[idx] = 0
+            carved.free.append(idx)
+            carved.used -= 1
+            if not (carved.full or carved.used == 0):
+                return  # the common case: it stays partial
+            to_return = self._settle(carved)
         for slab in to_return:  # network work outside the lock
             self.node.free_slab(slab)
             self.slabs_returned += 1
+
+    def _settle(self, carved: CarvedSlab) -> list[Slab]:
+        """Move a slab between lists after a free (full -> partial, partial -> empty);
+        returns the empty slabs beyond the threshold, to go back to the blade."""
+        osize = carved.object_size
+        if carved.full:
+            carved.full = False
+            self.full[osize].discard(carved)
+            self.partial.setdefault(osize, []).append(carved)
+        to_return: list[Slab] = []
+        if carved.used == 0:
+            self.partial[osize].remove(carved)
+            self.empty.append(carved)
+            while len(self.empty) > self.empty_threshold:
+                to_return.append(self.empty.pop(0).slab)
+        return to_return
+
+    def _free_whole(self, handle: Handle) -> None:
+        with self._lock:
+            if id(handle.slab) not in self.whole:
+                raise ValueError("double free")
+            del self.whole[id(handle.slab)]
+        self.node.free_slab(handle.slab)
+        self.slabs_returned += 1
 
     def stats(self) -> dict[str, int]:
         with self._lock:
@@ -214,7 +225,9 @@ class SlabCarver:
                 "full": sum(len(v) for v in self.full.values()),
                 "empty": len(self.empty),
                 "whole": len(self.whole),
-                "bytes_allocated": self.bytes_allocated,
+                "bytes_allocated": sum(self.whole.values()) + sum(
+                    c.used * c.object_size for lst in (*self.partial.values(),
+                                                       *self.full.values()) for c in lst),
                 "slabs_fetched": self.slabs_fetched,
                 "slabs_returned": self.slabs_returned,
             }
