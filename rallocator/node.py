@@ -252,11 +252,22 @@ class WorkingNode:
 
     # ------------------------------------------------------------------ fine grain
     def write(self, handle: Handle, data: bytes | memoryview, offset: int = 0) -> None:
+        """Write to every live copy; a copy whose blade fails is dropped from the slab (its
+        blade is marked dead). Raises BladeUnreachable only if no copy took the write."""
         if offset + len(data) > handle.size:
             raise ValueError("write past the end of the allocation")
-        for rep in handle.slab.replicas:
-            with rep.link.verbs() as v:
-                v.write(rep.addr + handle.offset + offset, data)
+        written = 0
+        for rep in list(handle.slab.replicas):
+            try:
+                with rep.link.verbs() as v:
+                    v.write(rep.addr + handle.offset + offset, data)
+                written += 1
+            except (BladeUnreachable, OSError) as e:
+                log.warning("blade %s lost a write (%s); dropping its copy", rep.link.name, e)
+                self.mark_dead(rep.link.name)
+                handle.slab.replicas.remove(rep)
+        if not written:
+            raise BladeUnreachable("no copy of the slab could be written")
 
     def read(self, handle: Handle, length: int | None = None, offset: int = 0) -> bytes:
         n = handle.size - offset if length is None else length
