@@ -25,6 +25,7 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass
+from functools import cached_property
 
 MAGIC = int.from_bytes(b"RALLOCv1", "little")
 VERSION = 1
@@ -98,7 +99,7 @@ class Geometry:
             raise ValueError("region too small for one unit")
 
     # -- sizes -------------------------------------------------------------------------
-    @property
+    @cached_property
     def n_classes(self) -> int:
         return len(self.class_units)
 
@@ -117,68 +118,68 @@ class Geometry:
     def seq_addr(self, size_class: int) -> int:
         return PAGE + LINE * size_class
 
-    @property
+    @cached_property
     def free_seq_addr(self) -> int:
         return PAGE + LINE * MAX_CLASSES
 
-    @property
+    @cached_property
     def global_epoch_addr(self) -> int:
         return PAGE + LINE * (MAX_CLASSES + 1)
 
-    @property
+    @cached_property
     def free_units_addr(self) -> int:
         """Published count of free units, so a node can tell 'full' from 'not stocked yet'."""
         return PAGE + LINE * (MAX_CLASSES + 2)
 
-    @property
+    @cached_property
     def used_units_addr(self) -> int:
         return PAGE + LINE * (MAX_CLASSES + 2) + 8
 
     # -- tables ------------------------------------------------------------------------
-    @property
+    @cached_property
     def off_ring(self) -> int:
         return 2 * PAGE
 
     def ring_addr(self, size_class: int, ticket: int) -> int:
         return self.off_ring + (size_class * self.ring_slots + ticket % self.ring_slots) * 16
 
-    @property
+    @cached_property
     def off_ack(self) -> int:
         return _align(self.off_ring + MAX_CLASSES * self.ring_slots * 16, LINE)
 
     def ack_addr(self, size_class: int, ticket: int) -> int:
         return self.off_ack + (size_class * self.ring_slots + ticket % self.ring_slots) * 64
 
-    @property
+    @cached_property
     def off_free(self) -> int:
         return self.off_ack + MAX_CLASSES * self.ring_slots * 64
 
     def free_addr(self, fticket: int) -> int:
         return self.off_free + (fticket % self.free_slots) * 64
 
-    @property
+    @cached_property
     def off_epochs(self) -> int:
         return self.off_free + self.free_slots * 64
 
     def epoch_addr(self, slot: int) -> int:
         return self.off_epochs + slot * 64
 
-    @property
+    @cached_property
     def off_bitmap(self) -> int:
         return self.off_epochs + self.max_nodes * 64
 
-    @property
+    @cached_property
     def bitmap_bytes(self) -> int:
         return _align((self.n_units + 7) // 8, 8)
 
-    @property
+    @cached_property
     def off_owner(self) -> int:
         return _align(self.off_bitmap + self.bitmap_bytes, LINE)
 
     def owner_addr(self, unit: int) -> int:
         return self.off_owner + unit * 64
 
-    @property
+    @cached_property
     def off_slabs(self) -> int:
         return _align(self.off_owner + self.n_units * 64, PAGE)
 
@@ -188,11 +189,11 @@ class Geometry:
     def unit_of(self, addr: int) -> int:
         return (addr - self.off_slabs) // self.unit_size
 
-    @property
+    @cached_property
     def region_size(self) -> int:
         return self.off_slabs + self.n_units * self.unit_size
 
-    @property
+    @cached_property
     def control_size(self) -> int:
         """Bytes before the slab area: what a node may read of the control structures."""
         return self.off_slabs

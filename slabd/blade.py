@@ -21,6 +21,7 @@ an allocation: after it, the slab is the node's even if the blade dies before co
 from __future__ import annotations
 
 import logging
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -48,6 +49,8 @@ from rallocator.layout import (
 from rallocator.region import Region
 
 log = logging.getLogger("slabd.blade")
+
+_EPOCH_ROW = struct.Struct("<QQQQ32x")  # an epoch slot with its padding, for iter_unpack
 
 # in-memory unit states (a bytearray, so free runs are found with bytes.find)
 B_FREE, B_OWNED, B_RESERVED, B_FREEING = 0, 1, 2, 3
@@ -487,8 +490,8 @@ class Blade:
         E = r.load(g.global_epoch_addr)
         low = E
         all_current = True
-        for slot in range(g.max_nodes):
-            node, epoch, active, hb = EPOCH_ENTRY.unpack_from(r.buf, g.epoch_addr(slot))
+        table = r.buf[g.off_epochs:g.off_epochs + 64 * g.max_nodes]
+        for slot, (node, epoch, active, hb) in enumerate(_EPOCH_ROW.iter_unpack(table)):
             if not node or not active:
                 continue
             seen = self.epoch_seen.get(slot)
@@ -538,9 +541,13 @@ class Blade:
         with self.lock:
             now = self.clock()
             before = (self.counters["allocs"], self.counters["frees"], self.counters["reclaims"])
+            waiting = False
             for c in range(g.n_classes):
                 seq = r.load(g.seq_addr(c))
-                for t, since in list(self.pending[c].items()):
+                pend = self.pending[c]
+                # untaken stock (t >= seq) cannot change under us: look only at taken tickets
+                for t in [t for t in pend if t < seq]:
+                    since = pend[t]
                     kt, state = split_key(r.load(g.ack_addr(c, t)))
                     if kt != t:
                         self.pending[c].pop(t, None)
@@ -549,19 +556,23 @@ class Blade:
                         self._commit_ack(c, t)
                     elif state == DONE:
                         self.pending[c].pop(t, None)
-                    elif t < seq:
+                    else:
+                        waiting = True
                         if since is None:
                             self.pending[c][t] = now
                         elif now - since > self.lease:
                             self._expire_ticket(c, t, state)
             fseq = r.load(g.free_seq_addr)
             for f, since in list(self.free_pending.items()):
+                if f >= fseq:
+                    continue  # opened, not issued yet: nothing to look at
                 kt, state = split_key(r.load(g.free_addr(f)))
                 if kt != f:
                     self.free_pending.pop(f, None)
                 elif state == ACKED:
                     self._process_free(f)
-                elif f < fseq:
+                else:
+                    waiting = True
                     if since is None:
                         self.free_pending[f] = now
                     elif now - since > self.lease:
@@ -574,8 +585,6 @@ class Blade:
                 self._epochs(now)
             self._stock()
             after = (self.counters["allocs"], self.counters["frees"], self.counters["reclaims"])
-            waiting = any(t < r.load(g.seq_addr(c)) for c in range(g.n_classes)
-                          for t in self.pending[c])
             return after != before or waiting or bool(self.freeing)
 
     def _expire_ticket(self, c: int, t: int, state: int) -> None:
