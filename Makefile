@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py rallocator/_atomic.c scripts/install-system-packages.sh
+$(STAMP): pyproject.toml setup.py rallocator/_atomic.c rallocator/_carver.c scripts/install-system-packages.sh
 	sh scripts/install-system-packages.sh
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test,bench]'

@@ -252,30 +252,35 @@ class WorkingNode:
 
     # ------------------------------------------------------------------ fine grain
     def write(self, handle: Handle, data: bytes | memoryview, offset: int = 0) -> None:
-        """Write to every live copy; a copy whose blade fails is dropped from the slab (its
-        blade is marked dead). Raises BladeUnreachable only if no copy took the write."""
-        if offset + len(data) > handle.size:
+        """Write into an allocation, on every live copy; a copy whose blade fails is
+        dropped from the slab (its blade marked dead). Raises BladeUnreachable only if no
+        copy took the write, ValueError past the end of the allocation."""
+        slab, base, size = self.carver.locate(handle)
+        if offset < 0 or offset + len(data) > size:
             raise ValueError("write past the end of the allocation")
         written = 0
-        for rep in list(handle.slab.replicas):
+        for rep in list(slab.replicas):
             try:
                 with rep.link.verbs() as v:
-                    v.write(rep.addr + handle.offset + offset, data)
+                    v.write(rep.addr + base + offset, data)
                 written += 1
             except (BladeUnreachable, OSError) as e:
                 log.warning("blade %s lost a write (%s); dropping its copy", rep.link.name, e)
                 self.mark_dead(rep.link.name)
-                handle.slab.replicas.remove(rep)
+                slab.replicas.remove(rep)
         if not written:
             raise BladeUnreachable("no copy of the slab could be written")
 
-    def read(self, handle: Handle, length: int | None = None, offset: int = 0) -> bytes:
-        n = handle.size - offset if length is None else length
+    def read(self, handle: Handle, length: int, offset: int = 0) -> bytes:
+        """Read from an allocation (from the first copy that answers)."""
+        slab, base, size = self.carver.locate(handle)
+        if offset < 0 or length < 0 or offset + length > size:
+            raise ValueError("read past the end of the allocation")
         last: Exception | None = None
-        for rep in handle.slab.replicas:
+        for rep in slab.replicas:
             try:
                 with rep.link.verbs() as v:
-                    return v.read(rep.addr + handle.offset + offset, n)
+                    return v.read(rep.addr + base + offset, length)
             except (BladeUnreachable, OSError) as e:
                 last = e
         raise BladeUnreachable(f"no copy readable: {last}")

@@ -66,7 +66,12 @@ class TcpVerbs:
             self._sock = socket.create_connection((host, port), timeout=connect_timeout)
         except OSError as e:
             raise BladeUnreachable(f"blade {address}: {e}") from None
-        self._sock.settimeout(timeout)
+        # kernel timeouts (SO_RCVTIMEO/SO_SNDTIMEO) on a blocking socket: Python's
+        # settimeout would add a poll() before every send and receive on the hot path
+        self._sock.settimeout(None)
+        tv = struct.pack("ll", int(timeout), int((timeout % 1) * 1e6))
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             self.geometry, self.superblock = self._handshake(secret)

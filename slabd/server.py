@@ -36,6 +36,15 @@ MAX_CONNECTIONS = 512
 FRAME_TIMEOUT = 10.0  # a frame, once started, must arrive within this
 
 
+def set_kernel_timeouts(sock: socket.socket, seconds: float) -> None:
+    """Blocking socket whose send/recv give up after ``seconds`` (SO_RCVTIMEO/SO_SNDTIMEO):
+    a timeout without Python's per-call poll()."""
+    sock.settimeout(None)
+    tv = struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+
 class Refused(Exception):
     def __init__(self, status: Status, message: str) -> None:
         super().__init__(message)
@@ -123,18 +132,25 @@ class BladeServer:
             conn.close()
 
     def _recv_exact(self, conn: socket.socket, view: memoryview, first_blocking: bool = False) -> bool:
-        """Fill view. Returns False on a clean EOF before the first byte."""
+        """Fill view. Returns False on a clean EOF before the first byte.
+
+        The socket is blocking with a kernel receive timeout (SO_RCVTIMEO), not Python's
+        settimeout, which would cost a poll() per call on the hot path. Waiting for the
+        first byte of a frame may take forever (an idle node); once a frame has started,
+        the rest must arrive within FRAME_TIMEOUT.
+        """
         got, n = 0, len(view)
-        if first_blocking:
-            conn.settimeout(None)
         while got < n:
-            r = conn.recv_into(view[got:], n - got)
+            try:
+                r = conn.recv_into(view[got:], n - got)
+            except BlockingIOError:  # SO_RCVTIMEO expired
+                if got == 0 and first_blocking:
+                    continue
+                raise TimeoutError("frame not completed in time") from None
             if r == 0:
                 if got == 0 and first_blocking:
                     return False
                 raise ConnectionResetError("peer closed mid-frame")
-            if got == 0 and first_blocking:
-                conn.settimeout(FRAME_TIMEOUT)
             got += r
         return True
 
@@ -160,7 +176,7 @@ class BladeServer:
 
     def _handshake(self, conn: socket.socket, hv: memoryview) -> int:
         nonce_b = auth.new_nonce()
-        conn.settimeout(FRAME_TIMEOUT)
+        set_kernel_timeouts(conn, FRAME_TIMEOUT)
         self._reply(conn, Op.HELLO, 0, a=VERSION, payload=nonce_b)
         if not self._recv_exact(conn, hv):
             return 0

@@ -36,23 +36,25 @@ def test_no_overlap_and_no_network_on_the_fast_path() -> None:
     node = FakeNode()
     carver = SlabCarver(node, empty_threshold=1)  # type: ignore[arg-type]
     rng = random.Random(7)
-    live = {}
+    live: dict[tuple[int, int], tuple[int, int]] = {}
     for _ in range(20000):
         if live and rng.random() < 0.45:
             key = rng.choice(list(live))
-            carver.free(live.pop(key))
+            carver.free(live.pop(key)[0])
         else:
-            h = carver.allocate(rng.choice((1, 64, 100, 700, 4096, 5000)))
-            key = (id(h.slab), h.offset)
+            size = rng.choice((1, 64, 100, 700, 4096, 5000))
+            h = carver.allocate(size)
+            slab, offset, room = carver.locate(h)
+            key = (id(slab), offset)
             assert key not in live, "two live allocations share an address"
-            assert h.offset + h.size <= h.slab.size
-            live[key] = h
-    # every live allocation is inside its object and objects do not overlap
-    spans = sorted((id(h.slab), h.offset, h.offset + h.carved.object_size) for h in live.values())
+            assert room >= size and offset + room <= slab.size
+            live[key] = (h, room)
+    # objects do not overlap
+    spans = sorted((k[0], k[1], k[1] + room) for k, (_, room) in live.items())
     for a, b in zip(spans, spans[1:], strict=False):
         assert a[0] != b[0] or a[2] <= b[1]
     assert len(node.fetched) < 60  # slabs were reused, not fetched per allocation
-    for h in list(live.values()):
+    for h, _ in list(live.values()):
         carver.free(h)
     st = carver.stats()
     assert st["partial"] == 0 and st["full"] == 0 and st["bytes_allocated"] == 0
@@ -70,8 +72,9 @@ def test_double_free_and_bad_sizes() -> None:
         carver.allocate(0)
     with pytest.raises(ValueError, match="larger than the largest slab"):
         carver.allocate(5 * M)
-    whole = carver.allocate(2 * M)  # bigger than a quarter slab: a slab of its own
-    assert whole.carved is None and whole.slab.size == 4 * M
+    whole = carver.allocate(2 * M)  # bigger than the largest object: a slab of its own
+    slab, offset, room = carver.locate(whole)
+    assert offset == 0 and room == slab.size == 4 * M and carver.stats()["whole"] == 1
     carver.free(whole)
     with pytest.raises(ValueError, match="double free"):
         carver.free(whole)
@@ -84,7 +87,9 @@ def test_full_slab_moves_back_to_partial() -> None:
     carver.free(objs[1])
     assert carver.stats()["partial"] == 1
     again = carver.allocate(M // 4)
-    assert again.offset == objs[1].offset  # the freed object is reused first
+    assert again == objs[1]  # the freed object is reused first
+    with pytest.raises(ValueError):
+        carver.locate(12345 << 32)  # never a handle
 
 
 def test_tuner_grows_for_streaming_and_shrinks_when_sparse() -> None:
