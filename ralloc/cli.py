@@ -54,7 +54,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     console = Console()
     console.print(f"coordinator {c['address']} pid {c['pid']} "
                   f"{'[green]alive[/]' if c['alive'] else '[red]down[/]'}")
-    t = Table("blade", "address", "pid", "mode", "alive", "used", "capacity", "slabs used")
+    t = Table()
+    for col in ("blade", "address", "pid", "mode", "alive", "used", "capacity", "slabs used"):
+        t.add_column(col, no_wrap=True)
     for b in st["blades"]:
         t.add_row(b["name"], b["address"], str(b["pid"]), b["mode"],
                   "[green]yes[/]" if b["alive"] else "[red]no[/]", format_size(b["used_bytes"]),
