@@ -161,9 +161,10 @@ def _stop(pid: int, marker: str, grace: float = 8.0) -> bool:
 
 
 def down(directory: str) -> list[str]:
-    """Stop every daemon of the cluster; returns what was stopped. A directory with no
-    cluster has nothing to stop (down is idempotent, for scripts and cleanup paths)."""
-    if not os.path.exists(os.path.join(directory, "cluster.toml")):
+    """Stop every daemon of the cluster; returns what was stopped. A cluster directory
+    whose ``up`` failed before writing cluster.toml has nothing to stop; a directory that
+    does not exist is a mistake (ClusterConfigError), most likely a typo."""
+    if os.path.isdir(directory) and not os.path.exists(os.path.join(directory, "cluster.toml")):
         return []
     cfg = ClusterConfig.load(directory)
     stopped = []

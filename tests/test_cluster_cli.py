@@ -125,6 +125,8 @@ def test_failed_up_leaves_nothing_after_down(cdir: Path):
     assert r.returncode == 2 and "Traceback" not in r.stderr  # bad input: caught up front
     assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1, r.stderr
     pids = cluster_pids(cdir)
+    assert not cdir.exists() or not pids  # bad input is caught before anything starts
+    cdir.mkdir(parents=True, exist_ok=True)  # a directory with no cluster: nothing to stop
     d = ralloc("cluster", "down", "--dir", str(cdir))
     assert d.returncode == 0, d.stderr
     assert not [p for p in pids if pid_alive(p)]
