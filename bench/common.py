@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,6 +32,7 @@ def cluster(*args: str) -> Iterator[str]:
         yield d
     finally:
         ralloc("cluster", "down", "--dir", d, check=False)
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def machine() -> str:
