@@ -323,7 +323,8 @@ def one_job(path: str, size: int, wl: str, cap_s: float, pid: int | None) -> dic
 
 
 def _median_of(runs: list[dict], key: str) -> float:
-    return statistics.median(r[key] for r in runs)
+    """Median over the rounds that have ``key`` (fio omits sync stats on some jobs)."""
+    return statistics.median(r[key] for r in runs if key in r)
 
 
 def measure(files: dict[str, str], pids: dict[str, int | None], size: int, cfg: dict,

@@ -118,13 +118,18 @@ def main(argv: list[str] | None = None) -> int:
 
     async def run() -> None:
         async with trio.open_nursery() as n:
-            async def signals() -> None:
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+            async def signals(task_status=trio.TASK_STATUS_IGNORED) -> None:
+                # keep receiving until main() returns: a second signal must not fall back
+                # to the default action and kill us before close() unmounts
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
+                                               signal.SIGHUP) as sigs:
+                    task_status.started()
                     async for _ in sigs:
                         pyfuse3.terminate()
-                        return
 
-            n.start_soon(signals)
+            # handlers first, READY after: a SIGTERM right after READY used to hit the
+            # default action (the receiver was not installed yet) and leave a dead mount
+            await n.start(signals)
             print("READY", flush=True)
             await pyfuse3.main()
             n.cancel_scope.cancel()

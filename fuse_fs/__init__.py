@@ -36,7 +36,9 @@ Design choices:
   ``owned_slabs`` finds both volumes again; recovery replays from the newest complete
   checkpoint, drops unreachable inodes, and frees data slabs nothing references.
 - **Never block trio.** Every network call (verbs, slab allocation and freeing, blade
-  stats) runs in a worker thread behind one capacity limiter.
+  stats, persist, the log) runs in a worker thread behind one capacity limiter. Only data
+  copies whose every replica is on a live shm link run on the trio thread: they are a
+  memcpy on a local mapping, and the thread hop would cost several times the copy.
 - **Page cache on.** Regular files are opened ``direct_io=False, keep_cache=True`` so
   applications can ``mmap(MAP_SHARED)`` them; the daemon ``mlockall``s itself so the
   kernel's writeback of mapped pages never waits on a daemon that is itself waiting for

@@ -2,7 +2,8 @@
 
 Every handler runs on trio's one thread. Metadata changes happen synchronously (mutate the
 ``FsState``, log the op, mark the inode dirty; no ``await`` in between, so a checkpoint
-never sees half an operation); only data I/O and slab allocation await worker threads.
+never sees half an operation); only data I/O and slab allocation await worker threads
+(data copies on live shm links run inline: see ``Store.copy``).
 Writes, truncates and opens with O_TRUNC of one file are serialised by a per-inode lock.
 
 Regular files are opened with the page cache on (``direct_io=False``, ``keep_cache=True``):
@@ -82,6 +83,8 @@ class FarFS(pyfuse3.Operations):
     """The filesystem. ``store`` holds the state, the data path and the log."""
 
     supports_dot_lookup = True
+    # off: with it, write(2) on a full cluster succeeds and ENOSPC only shows at close/fsync
+    # (bench/RESULTS.md, "File view"), although it would keep the page cache across msync
     enable_writeback_cache = False
 
     def __init__(self, store: Store) -> None:

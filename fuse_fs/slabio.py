@@ -1,4 +1,5 @@
-"""Blocking slab I/O for the filesystem: run these in worker threads, never on trio's.
+"""Blocking slab I/O for the filesystem: run these in worker threads, never on trio's --
+except copies that ``local_only`` vouches for (memcpy on a shm mapping, no network).
 
 A data or log slab has a copy on each replica's blade. Writes go to every live copy; reads
 come from the first copy that answers. A copy whose blade stops answering is marked dead
@@ -27,6 +28,25 @@ class SlabIOError(Exception):
 def _live(slab: Any) -> list[Any]:
     reps = [r for r in slab.replicas if not r.link.dead]
     return reps or list(slab.replicas)
+
+
+INLINE_MAX = 1 << 20  # bytes a copy on the trio thread may move at most
+
+
+def local_only(pieces: Sequence[tuple[Any, int, Any]]) -> bool:
+    """True if every copy of every slab in ``pieces`` is on a live shm link and the pieces
+    move at most INLINE_MAX bytes: ``read_pieces``/``write_pieces`` on them are then a few
+    memcpys on local mappings, cheaper than a hop to a worker thread and never blocking on
+    the network. A blade marked dead (its mapping may outlive the blade process), a tcp
+    copy or a large copy says False: the caller uses a worker thread as before."""
+    total = 0
+    for slab, _, data in pieces:
+        total += data if isinstance(data, int) else len(data)
+        for rep in slab.replicas:
+            link = rep.link
+            if link.dead or getattr(link, "shm", None) is None:
+                return False
+    return total <= INLINE_MAX
 
 
 def write_pieces(node: Any, pieces: Sequence[tuple[Any, int, Any]]) -> None:

@@ -3,7 +3,9 @@
 ``Store.open`` (blocking, before the mount) finds this filesystem's slabs on the blades,
 replays the metadata log, frees whatever nothing references and writes a fresh checkpoint.
 At run time every network call happens in a worker thread (``trio.to_thread.run_sync``
-behind one capacity limiter); the trio thread only does bookkeeping.
+behind one capacity limiter); the trio thread only does bookkeeping, and the data copies of
+reads and writes whose every copy is on a live shm link (a memcpy on a local mapping, a few
+µs: the hop to a worker thread would cost more than the copy).
 
 Durability ("ordered mode"): a sync first persists every data extent written since the last
 sync (msync on nvm blades), then appends the pending metadata ops to the log as one
@@ -436,6 +438,14 @@ class Store:
     async def run_io(self, fn: Any, *args: Any) -> Any:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 
+    async def copy(self, fn: Any, pieces: list[Any]) -> None:
+        """``slabio.read_pieces``/``write_pieces`` on ``pieces``: inline when every copy is
+        a live shm mapping (``slabio.local_only``), else in a worker thread."""
+        if slabio.local_only(pieces):
+            fn(self.node, pieces)
+        else:
+            await self.run_io(fn, self.node, pieces)
+
     def log_op(self, op: Op) -> None:
         self.pending.append(op)
         self.op_seq += 1
@@ -535,7 +545,7 @@ class Store:
         if pieces:
             ep = self.io.enter()
             try:
-                await self.run_io(slabio.read_pieces, self.node, pieces)
+                await self.copy(slabio.read_pieces, pieces)
             finally:
                 self.io.leave(ep)
         return buf  # pyfuse3 takes any buffer: no copy
@@ -579,12 +589,12 @@ class Store:
             try:
                 if copies:
                     old = [bytearray(src.cap) for src, _ in copies]
-                    await self.run_io(slabio.read_pieces, self.node,
-                                      [(self.alloc.slab(src.slab), src.off, memoryview(buf))
-                                       for (src, _), buf in zip(copies, old, strict=True)])
+                    await self.copy(slabio.read_pieces,
+                                    [(self.alloc.slab(src.slab), src.off, memoryview(buf))
+                                     for (src, _), buf in zip(copies, old, strict=True)])
                     pieces[:0] = [(self.alloc.slab(dst.slab), dst.off, bytes(buf))
                                   for (_, dst), buf in zip(copies, old, strict=True)]
-                await self.run_io(slabio.write_pieces, self.node, pieces)
+                await self.copy(slabio.write_pieces, pieces)
             finally:
                 self.io.leave(ep)
         except BaseException:
@@ -625,8 +635,8 @@ class Store:
                 if hi > lo:
                     ep = self.io.enter()
                     try:
-                        await self.run_io(slabio.write_pieces, self.node,
-                                          [(self.alloc.slab(e.slab), e.off + lo, hi - lo)])
+                        await self.copy(slabio.write_pieces,
+                                        [(self.alloc.slab(e.slab), e.off + lo, hi - lo)])
                     finally:
                         self.io.leave(ep)
                     self.dirty_data[e] = None
