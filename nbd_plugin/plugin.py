@@ -92,7 +92,7 @@ def _errno(fn):
 
 
 def thread_model():
-    # Requests run in parallel: BlockVolume locks per slab, never globally.
+    # Requests run in parallel: BlockVolume excludes per slab, never globally.
     return nbdkit.THREAD_MODEL_PARALLEL
 
 
@@ -190,15 +190,25 @@ def can_cache(h):
     return nbdkit.CACHE_NONE
 
 
-@_errno
+# The data callbacks are written out flat (no wrapper): they run once per request.
+_FUA = nbdkit.FLAG_FUA
+
+
 def pread(h, buf, offset, flags):
     # buf is nbdkit's buffer: the verbs fill it in place, no copy in Python.
-    volume.pread(buf, offset)
+    try:
+        volume.pread(buf, offset)
+    except OSError as e:
+        nbdkit.set_error(e.errno or errno.EIO)
+        raise
 
 
-@_errno
 def pwrite(h, buf, offset, flags):
-    volume.pwrite(buf, offset, bool(flags & nbdkit.FLAG_FUA))
+    try:
+        volume.pwrite(buf, offset, flags & _FUA != 0)
+    except OSError as e:
+        nbdkit.set_error(e.errno or errno.EIO)
+        raise
 
 
 @_errno

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,7 +24,8 @@ from rallocator.verbs import BladeUnreachable
 from rallocator.wire import Status, VerbError
 
 log = logging.getLogger("rallocator.link")
-EPOCH_TICK = 0.02
+EPOCH_TICK = 0.05  # heartbeat cadence (the blade's node lease is 15 s; frees wait a tick)
+EPOCH_REFRESH = 1.0  # the heartbeat is written at least this often even if nothing changed
 _U64 = struct.Struct("<Q")
 
 
@@ -151,6 +153,8 @@ class BladeLink:
 
     def _epoch_loop(self) -> None:
         g = self.geometry
+        last: tuple[int, int] | None = None  # (slot, epoch) we last announced
+        written = 0.0
         while not self._stop.wait(EPOCH_TICK):
             try:
                 with self.verbs() as v:
@@ -161,8 +165,12 @@ class BladeLink:
                     if _U64.unpack(v.read(slot_addr, 8))[0] != self.node_id:
                         self._reregister(announce)  # our slot was given away: get one back
                         continue
+                    now = time.monotonic()
+                    if last == (self.slot, announce) and now - written < EPOCH_REFRESH:
+                        continue  # nothing changed: skip the write (the GIL is shared)
                     self._hb += 1
                     v.write(slot_addr + 8, struct.pack("<QQQ", announce, 1, self._hb))
+                    last, written = (self.slot, announce), now
             except VerbError as e:
                 if e.status == Status.EACCES:
                     self._reregister(None)

@@ -7,9 +7,10 @@ index=i)``, ``replicas`` copies on distinct blades); until then it reads as zero
 that owns the slabs is named after the volume, so a restarted volume finds them again.
 
 Concurrency (nbdkit's parallel thread model): each slab has a ``SlabLock``. Reads and writes
-take it shared, so data I/O never serialises on anything global, and the operations that
-change what a slab *is* take it exclusive: mapping on first write (two writers racing on a
-fresh slab map it once), unmapping (trim/zero) and copying it to a new blade (a write during
+only register in it (no lock object is taken on the I/O path; see ``SlabLock``), so data I/O
+never serialises on anything, and the operations that change what a slab *is* take it
+exclusive (they wait for registered I/O; new I/O waits for them): mapping on first write
+(two writers racing on a fresh slab map it once), unmapping (trim/zero) and copying it to a new blade (a write during
 the copy would be lost). A slab's replica list is replaced, never mutated, so readers take a
 snapshot without a lock.
 
@@ -22,7 +23,9 @@ coordinator says ``shed``.
 
 Hot path: ``pread``/``pwrite`` take the caller's buffer (nbdkit's memoryview) and hand slices
 of it to the verbs: on shm one memcpy straight between the buffer and the blade's mapping, on
-tcp ``recv_into``/``sendmsg``. Requests are split only at slab boundaries.
+tcp ``recv_into``/``sendmsg``. Requests are split only at slab boundaries. A request within
+one slab that has one copy on a mapped (shm) blade is served inline in ``pread``/``pwrite``:
+register, one slice assignment, unregister.
 """
 
 from __future__ import annotations
@@ -61,44 +64,41 @@ STARTUP_TRIES = 3  # asks of a blade that does not answer at startup, 0.5 s apar
 
 
 class SlabLock:
-    """A small readers-writer lock: many I/Os share a slab, a remap or copy has it alone.
+    """Per-slab exclusion that costs the I/O path no lock.
 
-    Writers are preferred (a waiting ``acquire_exclusive`` stops new readers), so a repair
-    is not starved by a steady stream of I/O.
+    I/O registers in ``busy`` (``list.append``/``pop`` are single C calls, atomic under the
+    GIL), *then* checks ``locked()``: if an exclusive operation holds the slab it unregisters
+    and queues on the lock instead (``with lk:``). An exclusive operation takes the lock,
+    *then* waits until ``busy`` is empty. Each side publishes its own flag before reading the
+    other's (and the GIL makes that order hold), so either the operation sees the I/O and
+    waits for it, or the I/O sees the operation and waits for it: never neither.
+
+    New I/O queues behind a held lock, so a repair is not starved by a steady stream of I/O.
     """
 
-    __slots__ = ("_mutex", "_cond", "_readers", "_writer")
+    __slots__ = ("busy", "locked", "_lock")
 
     def __init__(self) -> None:
-        self._mutex = threading.Lock()
-        self._cond = threading.Condition(self._mutex)
-        self._readers = 0
-        self._writer = False
-
-    def acquire_shared(self) -> None:
-        with self._mutex:
-            while self._writer:
-                self._cond.wait()
-            self._readers += 1
-
-    def release_shared(self) -> None:
-        with self._mutex:
-            self._readers -= 1
-            if self._writer and not self._readers:
-                self._cond.notify_all()
+        self._lock = threading.Lock()
+        self.locked = self._lock.locked
+        self.busy: list[None] = []
 
     def acquire_exclusive(self) -> None:
-        with self._mutex:
-            while self._writer:
-                self._cond.wait()
-            self._writer = True
-            while self._readers:
-                self._cond.wait()
+        self._lock.acquire()
+        delay = 0.0
+        while self.busy:  # I/O that registered before we took the lock: let it finish
+            time.sleep(delay)
+            delay = min(delay * 2 or 1e-5, 1e-3)
 
     def release_exclusive(self) -> None:
-        with self._mutex:
-            self._writer = False
-            self._cond.notify_all()
+        self._lock.release()
+
+    def __enter__(self) -> SlabLock:  # I/O that found the slab held: wait, then go alone
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
 
 
 @dataclass
@@ -226,6 +226,32 @@ class BlockVolume:
         S = self.slab_size
         i, within = divmod(offset, S)
         if within + n <= S:
+            # The common case, flat: one slab, one copy, mapped (shm): one slice, no lock.
+            lk = self._locks[i]
+            if lk is None:  # never mapped: zeros
+                buf[:] = self._zeros[:n]
+                return
+            busy = lk.busy
+            busy.append(None)
+            try:
+                if not lk.locked():
+                    slab = self._map[i]
+                    if slab is None:
+                        buf[:] = self._zeros[:n]
+                        return
+                    reps = slab.replicas
+                    if len(reps) == 1:
+                        rep = reps[0]
+                        shm = rep.link.shm
+                        if shm is not None:
+                            a = rep.addr + within
+                            try:
+                                buf[:] = shm.region.buf[a:a + n]
+                                return
+                            except ValueError:  # link closed: the general path sorts it out
+                                pass
+            finally:
+                busy.pop()
             self._read_slab(i, within, buf)
             return
         pos = 0
@@ -249,6 +275,31 @@ class BlockVolume:
         S = self.slab_size
         i, within = divmod(offset, S)
         if within + n <= S:
+            # The common case, flat: one slab, one copy, mapped (shm): one slice, no lock.
+            lk = self._locks[i]
+            if lk is not None and not fua:
+                busy = lk.busy
+                busy.append(None)
+                try:
+                    if not lk.locked():
+                        slab = self._map[i]
+                        if slab is not None:
+                            reps = slab.replicas
+                            if len(reps) == 1:
+                                rep = reps[0]
+                                shm = rep.link.shm
+                                if shm is not None:
+                                    a = rep.addr + within
+                                    try:
+                                        shm.region.buf[a:a + n] = buf
+                                    except ValueError:  # link closed: the general path
+                                        pass
+                                    else:
+                                        self._touched[i] = 1
+                                        self._dirty[i] = 1
+                                        return
+                finally:
+                    busy.pop()
             self._write_slab(i, within, buf, fua)
             return
         pos = 0
@@ -260,60 +311,72 @@ class BlockVolume:
             within = 0
 
     def _read_slab(self, i: int, within: int, buf: memoryview) -> None:
-        if self._map[i] is None:  # never written: zeros (racing a first write is a race)
+        lk = self._locks[i]
+        if lk is None:  # never mapped: zeros (racing a first write is a race)
             buf[:] = self._zeros[:len(buf)]
             return
-        lk = self._locks[i]
-        assert lk is not None  # created before the slab was first published
-        lk.acquire_shared()
+        busy = lk.busy
+        busy.append(None)
         try:
-            slab = self._map[i]
-            if slab is None:  # trimmed meanwhile
-                buf[:] = self._zeros[:len(buf)]
+            if not lk.locked():
+                self._read_mapped(i, within, buf)
                 return
-            for rep in slab.replicas:
-                try:
-                    shm = rep.link.shm
-                    if shm is not None:
-                        shm.read_into(rep.addr + within, buf)
-                    else:
-                        with rep.link.verbs() as v:
-                            v.read_into(rep.addr + within, buf)
-                    return
-                except _LINK_ERRORS as e:
-                    self._read_failed(i, rep, e)
-                except ValueError:  # the link was closed under us (shm mapping released)
-                    if rep.link.shm is not None and not rep.link.dead:
-                        raise
-                    self._read_failed(i, rep, BladeUnreachable("link closed"))
-            raise OSError(errno.EIO, f"volume {self.name}: no readable copy of slab {i}")
         finally:
-            lk.release_shared()
+            busy.pop()
+        with lk:  # a remap or copy holds the slab: wait for it
+            self._read_mapped(i, within, buf)
+
+    def _read_mapped(self, i: int, within: int, buf: memoryview) -> None:
+        """Read from the first copy that answers; the caller keeps slab ``i`` from changing."""
+        slab = self._map[i]
+        if slab is None:  # never written, or trimmed
+            buf[:] = self._zeros[:len(buf)]
+            return
+        for rep in slab.replicas:
+            try:
+                shm = rep.link.shm
+                if shm is not None:
+                    shm.read_into(rep.addr + within, buf)
+                else:
+                    with rep.link.verbs() as v:
+                        v.read_into(rep.addr + within, buf)
+                return
+            except _LINK_ERRORS as e:
+                self._read_failed(i, rep, e)
+            except ValueError:  # the link was closed under us (shm mapping released)
+                if rep.link.shm is not None and not rep.link.dead:
+                    raise
+                self._read_failed(i, rep, BladeUnreachable("link closed"))
+        raise OSError(errno.EIO, f"volume {self.name}: no readable copy of slab {i}")
 
     def _write_slab(self, i: int, within: int, data: memoryview, fua: bool) -> None:
-        lk = self._locks[i] or self._make_lock(i)
-        lk.acquire_shared()
-        try:
-            slab = self._map[i]
-            if slab is not None:
-                self._write_replicas(i, slab, within, data, fua)
-                self._touched[i] = 1
-                if not fua:
-                    self._dirty[i] = 1
-                return
-        finally:
-            lk.release_shared()
-        lk.acquire_exclusive()  # first write: map it (once, however many race here)
+        lk = self._locks[i]
+        if lk is not None:
+            busy = lk.busy
+            busy.append(None)
+            try:
+                if not lk.locked():
+                    slab = self._map[i]
+                    if slab is not None:
+                        self._write_replicas(i, slab, within, data, fua)
+                        self._touched[i] = 1
+                        if not fua:
+                            self._dirty[i] = 1
+                        return
+            finally:
+                busy.pop()
+        else:
+            lk = self._make_lock(i)
+        # First write (map it, once however many race here), or a remap or copy holds it.
+        lk.acquire_exclusive()
         try:
             slab = self._map[i]
             if slab is None:
                 self._map_slab(i, within, data, fua)
-                if not fua:
-                    self._dirty[i] = 1
             else:
                 self._write_replicas(i, slab, within, data, fua)
-                if not fua:
-                    self._dirty[i] = 1
+            if not fua:
+                self._dirty[i] = 1
             self._touched[i] = 1
         finally:
             lk.release_exclusive()

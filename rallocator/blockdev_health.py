@@ -36,8 +36,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rallocator.blockdev")
 
-ROUND = 0.25  # seconds between rounds when nothing wakes us
-PING_HEALTHY = 1.0  # how often a blade in good standing is pinged
+ROUND = 0.5  # seconds between rounds when nothing wakes us (each round takes the GIL)
+PING_HEALTHY = 2.0  # how often a blade in good standing is pinged (failed I/O pings at once)
 PING_DEAD = 1.0  # how often a dead one is asked whether it is back
 EVENT_POLL = 2.0  # coordinator long-poll (bounded so stopping is quick)
 MAX_SHED_SLABS = 64  # slabs moved per shed advice

@@ -16,7 +16,14 @@ import psutil
 import pytest
 from conftest import Cluster
 
-from rallocator.blockdev import EXTENT_HOLE, EXTENT_ZERO, BlockVolume, ConfigError, VolumeConfig
+from rallocator.blockdev import (
+    EXTENT_HOLE,
+    EXTENT_ZERO,
+    BlockVolume,
+    ConfigError,
+    SlabLock,
+    VolumeConfig,
+)
 from rallocator.node import WorkingNode, name_id
 from rallocator.secret import load_secret
 from rallocator.transport_tcp import TcpVerbs
@@ -215,6 +222,38 @@ def test_flush_persists_exactly_the_slabs_written_since(shared: Cluster, monkeyp
         vol.flush()
         assert persisted == [2]
         vol.trim(vol.size, 0)
+
+
+def test_slab_lock_exclusive_waits_for_registered_io_and_io_then_waits() -> None:
+    # The I/O path takes no lock: it registers in `busy`, then checks `locked()`.
+    lk = SlabLock()
+    lk.busy.append(None)  # an I/O in flight
+    got = threading.Event()
+
+    def exclusive() -> None:
+        lk.acquire_exclusive()
+        got.set()
+
+    t = threading.Thread(target=exclusive)
+    t.start()
+    assert not got.wait(0.1), "the exclusive side did not wait for the I/O in flight"
+    assert lk.locked()  # ...but new I/O already sees it and queues behind it
+    lk.busy.pop()
+    assert got.wait(2)
+    t.join()
+    done = threading.Event()
+
+    def io() -> None:
+        with lk:
+            done.set()
+
+    t = threading.Thread(target=io)
+    t.start()
+    assert not done.wait(0.1), "I/O ran while the slab was held exclusive"
+    lk.release_exclusive()
+    assert done.wait(2)
+    t.join()
+    assert not lk.locked() and not lk.busy
 
 
 def test_racing_first_writes_map_a_slab_once(shared: Cluster) -> None:
