@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import psutil
 
 from ralloc.cgroup import keep_out_of_limits
+from ralloc.cluster import process_alive
 
 READY_TIMEOUT = 60.0
 STOP_GRACE = 10.0
@@ -57,17 +58,7 @@ class AttachError(Exception):
 # processes
 
 
-def proc_alive(pid: int, marker: str) -> bool:
-    """True if ``pid`` runs (not a zombie) and its command line contains ``marker``."""
-    if pid <= 0:
-        return False
-    try:
-        p = psutil.Process(pid)
-        if p.status() == psutil.STATUS_ZOMBIE:
-            return False
-        return marker in " ".join(p.cmdline())
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
+proc_alive = process_alive  # one definition, shared with the cluster launcher
 
 
 def read_pidfile(path: str) -> int:
