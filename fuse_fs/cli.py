@@ -364,11 +364,17 @@ def _serve(args: argparse.Namespace, node: Any) -> int:
             pyfuse3.close(unmount=is_ours(args.mountpoint))
 
     async def watch_signals() -> None:
+        """Keep listening until the very end: a second signal during the final checkpoint
+        must not kill the daemon half-way (it is logged and ignored)."""
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            stopping = False
             async for s in sigs:
+                if stopping:
+                    log.info("signal %d: already unmounting, finishing the checkpoint", s)
+                    continue
+                stopping = True
                 log.info("signal %d: unmounting", s)
                 pyfuse3.terminate()
-                return
 
     async def housekeeping() -> None:
         while True:
@@ -376,17 +382,19 @@ def _serve(args: argparse.Namespace, node: Any) -> int:
             unlock_regions(node, unlocked)
 
     async def serve() -> None:
-        async with trio.open_nursery() as outer:
-            store.start(outer, threads=args.threads)
-            async with trio.open_nursery() as inner:
-                inner.start_soon(watch_signals)
-                inner.start_soon(store.periodic)
-                inner.start_soon(housekeeping)
-                await pyfuse3.main()
-                inner.cancel_scope.cancel()
-            close_session()
-            await store.shutdown()
-            log.info("unmounted %s; metadata checkpointed", args.mountpoint)
+        async with trio.open_nursery() as signals:
+            signals.start_soon(watch_signals)
+            async with trio.open_nursery() as outer:
+                store.start(outer, threads=args.threads)
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(store.periodic)
+                    inner.start_soon(housekeeping)
+                    await pyfuse3.main()
+                    inner.cancel_scope.cancel()
+                close_session()
+                await store.shutdown()
+                log.info("unmounted %s; metadata checkpointed", args.mountpoint)
+            signals.cancel_scope.cancel()
 
     try:
         trio.run(serve)
