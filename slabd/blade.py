@@ -404,6 +404,17 @@ class Blade:
             log.debug("slab %d (class %d) -> node %x vol %x idx %d", unit, c, node, volume, index)
         return True
 
+    def catch_up(self) -> None:
+        """Record now what shm nodes acked or freed since the last tick, so a query or an
+        access check does not see the region a tick behind."""
+        with self.lock:
+            self._commit_all_acked()
+            g, r = self.geo, self.region
+            fseq = r.load(g.free_seq_addr)
+            for f in [f for f in self.free_pending if f < fseq]:
+                if split_key(r.load(g.free_addr(f))) == (f, ACKED):
+                    self._process_free(f)
+
     def _commit_all_acked(self) -> None:
         g, r = self.geo, self.region
         for c in range(g.n_classes):

@@ -232,7 +232,9 @@ class BladeServer:
         owners = self.blade.unit_owner
         for u in range(first, last + 1):
             if owners[u] != node:
-                raise Refused(Status.EACCES, f"unit {u} is not yours")
+                self.blade.catch_up()  # acked over shm a moment ago? (rare path)
+                if owners[u] != node:
+                    raise Refused(Status.EACCES, f"unit {u} is not yours")
 
     def _ack_slot(self, addr: int) -> tuple[int, int] | None:
         """(size class, slot) if addr is an ack key word."""
@@ -404,6 +406,7 @@ class BladeServer:
         if op == "info":
             return dict(self.info)
         if op == "owned":
+            self.blade.catch_up()
             volume = msg.get("volume")
             if volume is not None and not isinstance(volume, int):
                 raise ValueError("volume must be an integer")
@@ -414,6 +417,7 @@ class BladeServer:
                                "volume": s.volume, "index": s.index,
                                "generation": s.generation} for s in slabs]}
         if op == "stats":
+            self.blade.catch_up()
             return self.blade.stats()
         if op == "ping":
             return {"ok": True}
