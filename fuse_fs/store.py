@@ -659,53 +659,56 @@ class Store:
         async with self.flush_lock:
             if not (self.pending or self.dirty_inodes or self.dirty_data):
                 return
-            ops, self.pending = self.pending, []
-            dirty, self.dirty_inodes = self.dirty_inodes, set()
-            data, self.dirty_data = self.dirty_data, {}
-            seq = self.op_seq
-            records = [self.state.inodes[i].record() for i in sorted(dirty)
-                       if i in self.state.inodes]
-            ranges = [(self.alloc.slab(e.slab), e.off, e.cap) for e in data
-                      if e.slab in self.alloc.slabs]
-            try:
-                if ranges:
-                    await self.run_io(slabio.persist_ranges, self.node, ranges)
-                if ops or records:
-                    await self.run_io(self.log.append, ops + records)
-            except BaseException:
-                self.pending[:0] = ops
-                self.dirty_inodes |= dirty
-                for e in data:
-                    self.dirty_data.setdefault(e, None)
-                raise
-            self.durable_seq = seq
-            self.release_deferred()
+            log = self.log
+
+            def records(ops: list, dirty: set[int]) -> list:
+                return ops + [self.state.inodes[i].record() for i in sorted(dirty)
+                              if i in self.state.inodes]
+
+            async def write_log(batch: list) -> None:
+                if batch:
+                    await self.run_io(log.append, batch)
+
+            await self._make_durable(records, write_log)
 
     async def checkpoint(self) -> None:
         """Rewrite the log as one snapshot and free the segments it replaces."""
         assert self.flush_lock is not None and self.log is not None
+        old: list = []
         async with self.flush_lock:
-            ops, self.pending = self.pending, []
-            dirty, self.dirty_inodes = self.dirty_inodes, set()
-            data, self.dirty_data = self.dirty_data, {}
-            seq = self.op_seq
-            snapshot = self.state.snapshot_ops()
-            ranges = [(self.alloc.slab(e.slab), e.off, e.cap) for e in data
-                      if e.slab in self.alloc.slabs]
-            try:
-                if ranges:
-                    await self.run_io(slabio.persist_ranges, self.node, ranges)
-                old = await self.run_io(self.log.checkpoint, snapshot)
-            except BaseException:
-                self.pending[:0] = ops
-                self.dirty_inodes |= dirty
-                for e in data:
-                    self.dirty_data.setdefault(e, None)
-                raise
-            self.durable_seq = seq
-            self.release_deferred()
+            log = self.log
+
+            async def write_log(snapshot: list) -> None:
+                old.extend(await self.run_io(log.checkpoint, snapshot))
+
+            await self._make_durable(lambda ops, dirty: self.state.snapshot_ops(), write_log)
         for _, slab in old:
             await self.run_io(self.node.free_slab, slab)
+
+    async def _make_durable(self, make_batch, write_log) -> None:
+        """Take the pending ops, dirty inodes and written extents; build the log batch from
+        them at once (``make_batch(ops, dirty)``: before any await, so it shows the state as
+        of ``seq``), persist the data, then ``write_log(batch)``. On failure everything
+        taken is put back, so the next sync tries again. The caller holds ``flush_lock``."""
+        ops, self.pending = self.pending, []
+        dirty, self.dirty_inodes = self.dirty_inodes, set()
+        data, self.dirty_data = self.dirty_data, {}
+        seq = self.op_seq
+        batch = make_batch(ops, dirty)
+        ranges = [(self.alloc.slab(e.slab), e.off, e.cap) for e in data
+                  if e.slab in self.alloc.slabs]
+        try:
+            if ranges:
+                await self.run_io(slabio.persist_ranges, self.node, ranges)
+            await write_log(batch)
+        except BaseException:
+            self.pending[:0] = ops
+            self.dirty_inodes |= dirty
+            for e in data:
+                self.dirty_data.setdefault(e, None)
+            raise
+        self.durable_seq = seq
+        self.release_deferred()
 
     async def periodic(self) -> None:
         """Commit every COMMIT_INTERVAL seconds; checkpoint when the log grows long."""

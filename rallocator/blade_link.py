@@ -59,7 +59,7 @@ class BladeLink:
         self.shm: ShmVerbs | None = None
         if transport in ("shm", "auto"):
             try:
-                self.shm = ShmVerbs(self._connect(), self.info["region"])
+                self.shm = ShmVerbs(self.info["region"], first.superblock)
             except (ShmUnavailable, KeyError) as e:
                 if transport == "shm":
                     first.close()

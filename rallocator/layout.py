@@ -131,10 +131,6 @@ class Geometry:
         """Published count of free units, so a node can tell 'full' from 'not stocked yet'."""
         return PAGE + LINE * (MAX_CLASSES + 2)
 
-    @cached_property
-    def used_units_addr(self) -> int:
-        return PAGE + LINE * (MAX_CLASSES + 2) + 8
-
     # -- tables ------------------------------------------------------------------------
     @cached_property
     def off_ring(self) -> int:
@@ -234,12 +230,6 @@ class Geometry:
             if f[name] != getattr(geo, name):
                 raise ValueError(f"corrupt superblock: {name} disagrees with geometry")
         return geo
-
-    @staticmethod
-    def superblock_flags(data: bytes) -> tuple[int, int]:
-        """(clean_shutdown, blade_starts) from a superblock."""
-        f = _SB.unpack_from(data)
-        return f[_SB_FIELDS.index("clean_shutdown")], f[_SB_FIELDS.index("blade_starts")]
 
     @staticmethod
     def superblock_flag_offsets() -> tuple[int, int]:

@@ -21,7 +21,7 @@ from rallocator.blade_link import BladeLink
 from rallocator.cluster_config import ClusterConfig
 from rallocator.coordinator_client import CoordinatorClient, CoordinatorUnavailable
 from rallocator.finegrained import Handle, SlabCarver
-from rallocator.protocol import AllocationFailed, BladeFull, TicketLost, allocate_slab, free_slab
+from rallocator.protocol import AllocationFailed, TicketLost, allocate_slab, free_slab
 from rallocator.secret import load_secret
 from rallocator.verbs import BladeUnreachable
 from rallocator.wire import VerbError
@@ -199,9 +199,7 @@ class WorkingNode:
                     return Replica(link, grant.unit, grant.addr)
                 except (TicketLost, VerbError):
                     continue  # VerbError: the blade refused a step (e.g. a lease ran out)
-        except (BladeFull, AllocationFailed) as e:
-            log.debug("blade %s: %s", name, e)
-        except ValueError as e:  # size class not offered by this blade
+        except (AllocationFailed, ValueError) as e:  # full, or size class not offered here
             log.debug("blade %s: %s", name, e)
         except (BladeUnreachable, OSError) as e:
             log.warning("blade %s unreachable: %s", name, e)

@@ -1,9 +1,9 @@
 """The RAllocator protocol, node side, with no I/O in it (sans-IO, as in h11).
 
 Each operation is a generator that yields *requests* (frozen dataclasses naming a verb) and
-receives their results. A driver runs it against real verbs: ``run_blocking`` for threads
-(the nbdkit plugin), ``run_trio`` for the filesystem (verbs run in worker threads so the
-trio thread never blocks), and tests drive it against a bytearray.
+receives their results. ``run_blocking`` drives it against real verbs from any thread (the
+nbdkit plugin's, the filesystem's worker threads); tests drive it step by step against a
+region with an injected clock. Another event loop needs only another ten-line driver.
 
 Allocation (one slab of size class c):
 
@@ -236,22 +236,5 @@ def run_blocking(op: Operation, verbs: Any) -> Any:
                 result = None
             else:
                 result = step(verbs, req)
-    except StopIteration as done:
-        return done.value
-
-
-async def run_trio(op: Operation, verbs: Any) -> Any:
-    """Drive an operation from trio: each verb runs in a worker thread, sleeps are trio's."""
-    import trio
-
-    result: Any = None
-    try:
-        while True:
-            req = op.send(result)
-            if isinstance(req, Sleep):
-                await trio.sleep(req.seconds)
-                result = None
-            else:
-                result = await trio.to_thread.run_sync(step, verbs, req)
     except StopIteration as done:
         return done.value

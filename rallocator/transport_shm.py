@@ -2,17 +2,14 @@
 
 Reads and writes are memcpy on the shared mapping, fetch_add / compare_swap are CPU atomics
 on it (``_atomic.c``), persist is msync: the blade's CPU is not on the data path at all,
-which is the point of one-sided verbs. Control messages (``call``) still go over tcp, and
-the tcp handshake is also how the node proves it holds the cluster secret before it maps
-anything: the region file is mode 0600, so only a local root/owner can map it anyway.
+which is the point of one-sided verbs. Control messages (``call``) go over the link's tcp
+pool, and the tcp handshake is how the node proves it holds the cluster secret before it
+maps anything (the region file is mode 0600, so only a local root/owner can map it anyway).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from rallocator.region import Region, RegionError
-from rallocator.transport_tcp import TcpVerbs
 
 
 class ShmUnavailable(Exception):
@@ -20,21 +17,19 @@ class ShmUnavailable(Exception):
 
 
 class ShmVerbs:
-    """Verbs on a mapped region, with ``control`` (a TcpVerbs) for ``call``.
+    """The one-sided verbs on a mapped region. Thread-safe (atomics and memcpy).
 
-    Thread-safe for the one-sided verbs (they are atomics and memcpy); ``call`` is
-    serialised by the caller's pool like any tcp connection.
+    Args:
+        region_path: the file the blade says it serves.
+        superblock: the superblock the blade sent over tcp: the mapped file must match it.
     """
 
-    def __init__(self, control: TcpVerbs, region_path: str) -> None:
-        self.control = control
-        self.node_id = control.node_id
-        self.address = control.address
+    def __init__(self, region_path: str, superblock: bytes) -> None:
         try:
             self.region = Region.open(region_path)
         except RegionError as e:
             raise ShmUnavailable(str(e)) from None
-        if self.region.read(0, 4096) != control.superblock:
+        if self.region.read(0, 4096) != superblock:
             self.region.close()
             raise ShmUnavailable(f"{region_path} is not the region this blade serves")
         self.geometry = self.region.geo
@@ -60,9 +55,5 @@ class ShmVerbs:
     def persist(self, addr: int, length: int) -> None:
         self.region.persist(addr, length)
 
-    def call(self, message: dict[str, Any]) -> dict[str, Any]:
-        return self.control.call(message)
-
     def close(self) -> None:
-        self.control.close()
         self.region.close()

@@ -30,7 +30,27 @@ from rallocator.wire import (
 
 _encode = msgspec.msgpack.encode
 _decode = msgspec.msgpack.decode
-_U64 = struct.Struct("<Q")
+
+
+def set_kernel_timeouts(sock: socket.socket, seconds: float) -> None:
+    """Blocking socket whose send/recv give up after ``seconds`` (SO_RCVTIMEO/SO_SNDTIMEO,
+    surfacing as BlockingIOError): Python's settimeout would add a poll() before every send
+    and receive on the hot path."""
+    sock.settimeout(None)
+    tv = struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+
+def send_frame(sock: socket.socket, header: bytes, payload: memoryview) -> None:
+    """Header and payload in one ``sendmsg`` (no copy of the payload), finishing a
+    partial send. Raises OSError like ``sendall``."""
+    sent = sock.sendmsg([header, payload])
+    if sent < len(header):
+        sock.sendall(header[sent:])
+        sent = len(header)
+    if sent - len(header) < len(payload):
+        sock.sendall(payload[sent - len(header):])
 
 
 class AuthFailed(PermissionError):
@@ -66,12 +86,7 @@ class TcpVerbs:
             self._sock = socket.create_connection((host, port), timeout=connect_timeout)
         except OSError as e:
             raise BladeUnreachable(f"blade {address}: {e}") from None
-        # kernel timeouts (SO_RCVTIMEO/SO_SNDTIMEO) on a blocking socket: Python's
-        # settimeout would add a poll() before every send and receive on the hot path
-        self._sock.settimeout(None)
-        tv = struct.pack("ll", int(timeout), int((timeout % 1) * 1e6))
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        set_kernel_timeouts(self._sock, timeout)
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             self.geometry, self.superblock = self._handshake(secret)
@@ -111,12 +126,7 @@ class TcpVerbs:
         self._req = (self._req + 1) & 0xFFFFFFFF
         hdr = pack_header(op, 0, self._req, addr, a, b, len(payload))
         try:
-            sent = self._sock.sendmsg([hdr, payload])
-            if sent < HEADER_SIZE:
-                self._sock.sendall(hdr[sent:])
-                sent = HEADER_SIZE
-            if sent - HEADER_SIZE < len(payload):
-                self._sock.sendall(payload[sent - HEADER_SIZE:])
+            send_frame(self._sock, hdr, payload)
         except OSError as e:
             self._fail(e)
 
@@ -146,11 +156,11 @@ class TcpVerbs:
     def _recv_reply(self, op: int, raise_status: bool = True) -> tuple[int, bytes]:
         """(status, payload) of a reply that carries a message payload."""
         plen, status, _ = self._recv_header(op)
+        if raise_status and status != Status.OK:
+            raise self._error(status, plen)
         body = bytearray(plen)
         if plen:
             self._recv_exact(memoryview(body))
-        if raise_status and status != Status.OK:
-            raise VerbError(Status(status), body.decode(errors="replace"))
         return status, bytes(body)
 
     def _error(self, status: int, plen: int) -> VerbError:
@@ -181,7 +191,7 @@ class TcpVerbs:
     def write(self, addr: int, data: bytes | memoryview, fua: bool = False) -> None:
         view = memoryview(data).cast("B")
         pos, n = 0, len(view)
-        while pos < n or n == 0:
+        while True:  # at least once: a zero-length write is still checked by the blade
             chunk = min(n - pos, MAX_PAYLOAD)
             self._sendall(Op.WRITE, addr + pos, 0, FLAG_FUA if fua else 0,
                           view[pos:pos + chunk])
@@ -189,8 +199,8 @@ class TcpVerbs:
             if status != Status.OK:
                 raise self._error(status, plen)
             pos += chunk
-            if n == 0:
-                break
+            if pos >= n:
+                return
 
     def _word(self, op: int, addr: int, a: int, b: int = 0) -> int:
         self._send(op, addr, a, b)

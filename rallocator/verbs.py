@@ -1,12 +1,13 @@
 """The verbs every transport implements: RDMA-shaped, so the allocation protocol is written once.
 
 One-sided: ``read``, ``write``, ``fetch_add``, ``compare_swap`` (and ``persist``, the flush of
-an NVM write). Two-sided: ``call`` for control messages the blade must think about.
+an NVM write). Two-sided: ``call`` for control messages the blade must think about; it
+always travels over tcp (``BladeLink.call``), whichever transport carries the data.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Protocol
 
 from rallocator.layout import Geometry
 
@@ -17,7 +18,6 @@ class BladeUnreachable(ConnectionError):
 
 class Verbs(Protocol):
     geometry: Geometry
-    node_id: int
 
     def read(self, addr: int, length: int) -> bytes: ...
 
@@ -30,7 +30,5 @@ class Verbs(Protocol):
     def compare_swap(self, addr: int, expected: int, new: int) -> int: ...
 
     def persist(self, addr: int, length: int) -> None: ...
-
-    def call(self, message: dict[str, Any]) -> dict[str, Any]: ...
 
     def close(self) -> None: ...

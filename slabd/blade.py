@@ -298,7 +298,7 @@ class Blade:
         r.persist(g.owner_addr(unit), 64 * n)
 
     def _publish(self) -> None:
-        """Publish free/used unit counts for nodes (full vs. not yet stocked) and status."""
+        """Publish the free unit count, so a node can tell 'full' from 'not stocked yet'."""
         g, r = self.geo, self.region
         free = self.busy.count(B_FREE)
         untaken = 0
@@ -306,7 +306,6 @@ class Blade:
             seq = r.load(g.seq_addr(c))
             untaken += sum(g.class_units[c] for t in self.pending[c] if t >= seq)
         r.store(g.free_units_addr, free + untaken)
-        r.store(g.used_units_addr, g.n_units - free - self.busy.count(B_RESERVED))
 
     # ================================================================ ring stocking
     def _stock(self) -> None:
@@ -622,7 +621,7 @@ class Blade:
     def stats(self) -> dict[str, int]:
         g = self.geo
         with self.lock:
-            used_units = sum(1 for b in self.busy if b in (B_OWNED, B_FREEING))
+            used_units = self.busy.count(B_OWNED) + self.busy.count(B_FREEING)
             return {
                 "capacity_bytes": g.n_units * g.unit_size,
                 "used_bytes": used_units * g.unit_size,

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import logging
 import socket
-import struct
 import threading
 from typing import Any
 
 import msgspec
 
 from rallocator import auth
-from rallocator.layout import ACK_BODY, ACKED, CLAIMED, DONE, EPOCH_ENTRY, FREE_BODY, split_key
+from rallocator.layout import ACK_BODY, ACKED, CLAIMED, DONE, FREE_BODY, split_key
+from rallocator.transport_tcp import send_frame, set_kernel_timeouts
 from rallocator.wire import (
     FLAG_FUA,
     HEADER_SIZE,
@@ -31,18 +31,8 @@ from rallocator.wire import (
 from slabd.blade import Blade
 
 log = logging.getLogger("slabd.server")
-_U64 = struct.Struct("<Q")
 MAX_CONNECTIONS = 512
 FRAME_TIMEOUT = 10.0  # a frame, once started, must arrive within this
-
-
-def set_kernel_timeouts(sock: socket.socket, seconds: float) -> None:
-    """Blocking socket whose send/recv give up after ``seconds`` (SO_RCVTIMEO/SO_SNDTIMEO):
-    a timeout without Python's per-call poll()."""
-    sock.settimeout(None)
-    tv = struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
 
 class Refused(Exception):
@@ -166,11 +156,7 @@ class BladeServer:
                payload: bytes | memoryview = b"") -> None:
         h = pack_header(op, status, req, 0, a, 0, len(payload))
         if payload:
-            view = memoryview(payload)
-            sent = conn.sendmsg([h, view])
-            if sent < HEADER_SIZE + len(view):
-                rest = (h + bytes(view))[sent:] if sent < HEADER_SIZE else view[sent - HEADER_SIZE:]
-                conn.sendall(rest)
+            send_frame(conn, h, memoryview(payload))
         else:
             conn.sendall(h)
 
@@ -386,7 +372,6 @@ class BladeServer:
         if 0 <= rel < g.max_nodes * 64 and rel % 64 == 0 and len(body) == 24:
             if region.u64(addr - 8) != node:
                 raise Refused(Status.EACCES, "not your epoch slot")
-            _, epoch, active, hb = EPOCH_ENTRY.unpack(_U64.pack(node) + body)
             region.write(addr, body)
             return
         raise Refused(Status.EACCES, "that control word is not writable by nodes")
