@@ -21,8 +21,6 @@ from rallocator.cluster_config import ClusterConfigError
 from rallocator.secret import SecretError
 from rallocator.sizes import format_size, parse_size
 
-EXTRA_COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {}
-
 
 def _cmd_cluster(args: argparse.Namespace) -> int:
     from ralloc import cluster
@@ -94,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Disaggregated memory for Linux: memory blades lend RAM in slabs; this "
                     "node borrows them for swap and for mmap-able files.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (help_text, _) in {**PASSTHROUGH, **EXTRA_COMMANDS}.items():
+    for name, (help_text, _) in PASSTHROUGH.items():
         sub.add_parser(name, help=help_text, add_help=False)
 
     c = sub.add_parser("cluster", help="start or stop the embedded cluster (coordinator + blades)")
@@ -120,9 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {**PASSTHROUGH, **EXTRA_COMMANDS}
-    if argv and argv[0] in commands:
-        return commands[argv[0]][1](argv[1:])
+    if argv and argv[0] in PASSTHROUGH:
+        return PASSTHROUGH[argv[0]][1](argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -224,8 +224,12 @@ def test_blade_killed_mid_workload_with_two_replicas(make_cluster, swap) -> None
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "the workload never swapped"
             time.sleep(0.1)
-        blades = json.loads(ralloc("status", "--cluster", str(c.dir), "--json").stdout)["blades"]
-        victim = max(blades, key=lambda b: b["slabs_used"])
+        while True:  # status reports what the coordinator last heard: up to a heartbeat late
+            blades = json.loads(ralloc("status", "--cluster", str(c.dir), "--json").stdout)
+            victim = max(blades["blades"], key=lambda b: b["slabs_used"])
+            if victim["slabs_used"] > 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         assert victim["slabs_used"] > 0
         os.kill(victim["pid"], signal.SIGKILL)
         finish(proc)
